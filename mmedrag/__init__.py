@@ -1,0 +1,1 @@
+"""The ``mmedrag`` command line: one entry point for data, training and serving."""
