@@ -27,6 +27,7 @@ format: install
 	$(VENV)/bin/ruff format .
 
 up: install
+	@test -f $(ARTIFACTS)/manifest.json || $(VENV)/bin/mmedrag artifacts tiny --out $(ARTIFACTS)
 	$(VENV)/bin/mmedrag up --artifacts $(ARTIFACTS)
 
 clean-venv:

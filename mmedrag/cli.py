@@ -41,14 +41,34 @@ def _root(
 @app.command("up")
 def up(
     artifacts: Annotated[Path, typer.Option(help="Artifacts folder the services load.")] = Path("artifacts"),
+    host: Annotated[
+        str, typer.Option(help="Interface for all services (loopback by default).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="Router port; the classifier, retriever and generator use the next three.")
+    ] = 8000,
+    log_dir: Annotated[Path, typer.Option(help="Where each service writes <name>.log.")] = Path("logs"),
 ) -> None:
     """Start the whole stack on the embedded default (router, classifier, retriever, generator)."""
-    typer.echo(
-        "error: the serving stack is not built yet (issue 'Serving: router, domain-classifier, retriever and "
-        f"generator services'); nothing to start for {artifacts}.",
-        err=True,
-    )
-    raise typer.Exit(1)
+    from services.launcher import run_stack
+
+    raise typer.Exit(run_stack(artifacts, host=host, port=port, log_dir=log_dir))
+
+
+artifacts_app = typer.Typer(help="Build artifact folders the services load.", no_args_is_help=True)
+app.add_typer(artifacts_app, name="artifacts")
+
+
+@artifacts_app.command("tiny")
+def artifacts_tiny(
+    out: Annotated[Path, typer.Option(help="Artifacts folder to (re)build.")] = Path("artifacts"),
+    seed: Annotated[int, typer.Option(help="Seed of the random weights and the MedSynth corpus.")] = 0,
+) -> None:
+    """Tiny random-weight models in the real formats and small MedSynth indexes, for tests and smoke runs."""
+    from training.artifacts.tiny import build_tiny_artifacts
+
+    manifest = build_tiny_artifacts(out, seed=seed)
+    typer.echo(f"built tiny artifacts in {out} ({manifest['build_seconds']} s)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,6 @@ def run_with_clean_errors(app: typer.Typer, args: list[str], *, verbose: bool) -
     except EXPECTED_ERRORS as error:
         if verbose:
             raise
-        print(f"error: {error}", file=sys.stderr)  # noqa: T201
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -1,0 +1,1 @@
+"""Domain classifier service: which domain (radiology, ophthalmology, pathology) an image belongs to."""

@@ -1,0 +1,131 @@
+"""Calls between services: per-call timeout, bounded retries for idempotent calls, request-id propagation.
+
+Failures are translated once, here, into the error envelope's classes: a dependency that cannot be
+reached or answers 5xx becomes ``DependencyUnavailable`` (503), one that does not answer in time
+``DependencyTimeout`` (504); a 4xx from a dependency is passed on with its own status and message,
+because it is about the user's input (e.g. an image the retriever cannot decode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import httpx
+
+from services.common.app import REQUEST_ID_HEADER
+from services.common.errors import DependencyTimeout, DependencyUnavailable, ServiceError
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({502, 503, 504})
+
+
+class DownstreamError(ServiceError):
+    """A dependency refused the request (4xx): its status and message are passed on unchanged."""
+
+    def __init__(self, status_code: int, message: str, *, code: str, error_type: str, param: str | None):
+        super().__init__(message, param=param, code=code)
+        self.status_code = status_code
+        self.error_type = error_type
+
+
+class ServiceClient:
+    """One dependency (classifier, retriever …) reached over HTTP."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        *,
+        timeout_s: float,
+        retries: int = 2,
+        backoff_s: float = 0.1,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, transport=transport)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        request_id: str | None = None,
+        idempotent: bool = True,
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send; retry connection failures and 502/503/504 (idempotent calls only, with jitter)."""
+        headers = dict(kwargs.pop("headers", None) or {})
+        if request_id:
+            headers[REQUEST_ID_HEADER] = request_id
+        attempts = 1 + (self.retries if idempotent else 0)
+        last_problem = ""
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
+            try:
+                response = await self._client.request(method, path, headers=headers, **kwargs)
+            except httpx.TimeoutException as exc:
+                raise DependencyTimeout(
+                    f"{self.name} did not answer within {self._client.timeout.read}s"
+                ) from exc
+            except httpx.TransportError as exc:
+                last_problem = f"cannot reach {self.name} at {self.base_url} ({type(exc).__name__})"
+                logger.warning("%s (attempt %d/%d)", last_problem, attempt + 1, attempts)
+                continue
+            if response.status_code in RETRYABLE_STATUS:
+                last_problem = f"{self.name} answered {response.status_code}: {_message(response)}"
+                logger.warning("%s (attempt %d/%d)", last_problem, attempt + 1, attempts)
+                continue
+            if response.status_code >= 500:
+                raise DependencyUnavailable(
+                    f"{self.name} failed ({response.status_code}): {_message(response)}"
+                )
+            if response.status_code >= 400:
+                raise _downstream_error(response)
+            return response
+        raise DependencyUnavailable(last_problem, code=f"{self.name}_unavailable")
+
+    async def ready(self, path: str = "/readyz") -> bool:
+        """True when the dependency says it can serve; never raises."""
+        try:
+            response = await self._client.get(path, timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]
+
+
+def _downstream_error(response: httpx.Response) -> DownstreamError:
+    try:
+        error = response.json()["error"]
+        return DownstreamError(
+            response.status_code,
+            str(error["message"]),
+            code=str(error.get("code") or "invalid_input"),
+            error_type=str(error.get("type") or "invalid_request_error"),
+            param=error.get("param"),
+        )
+    except (ValueError, KeyError, TypeError):
+        return DownstreamError(
+            response.status_code,
+            response.text[:200],
+            code="invalid_input",
+            error_type="invalid_request_error",
+            param=None,
+        )

@@ -1,0 +1,174 @@
+"""``mmedrag up``: the embedded default — the four services as local processes on loopback.
+
+Each service runs as its own process (``python -m services.<name>``), exactly as in a deployment, with
+its log in ``<log_dir>/<name>.log``. The launcher waits until every service is ready, prints how to call
+the router, and stops them all on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+
+from services.common.artifacts import MANIFEST, ArtifactError
+
+READY_TIMEOUT_S = 180.0
+
+
+@dataclass(frozen=True)
+class ServiceProcess:
+    name: str
+    port: int
+    ready_path: str
+
+
+def plan(port: int) -> list[ServiceProcess]:
+    """Internal services on the ports after the router's; the generator answers vLLM's /health."""
+    return [
+        ServiceProcess("classifier", port + 1, "/readyz"),
+        ServiceProcess("retriever", port + 2, "/readyz"),
+        ServiceProcess("generator", port + 3, "/health"),
+        ServiceProcess("router", port, "/readyz"),
+    ]
+
+
+def service_environment(artifacts: Path, host: str, port: int) -> dict[str, str]:
+    """Environment every child gets: the artifacts folder and where the router finds the others."""
+    env = dict(os.environ)
+    env["MMEDRAG_ARTIFACTS"] = str(artifacts)
+    env["MMEDRAG_ROUTER_CLASSIFIER_URL"] = f"http://{host}:{port + 1}"
+    env["MMEDRAG_ROUTER_RETRIEVER_URL"] = f"http://{host}:{port + 2}"
+    env["MMEDRAG_ROUTER_GENERATOR_URL"] = f"http://{host}:{port + 3}/v1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def curl_example(artifacts: Path, base_url: str) -> str:
+    """A ready-to-paste request with an example image shipped in the artifacts folder."""
+    examples_file = artifacts / "examples" / "examples.json"
+    if examples_file.is_file():
+        example = json.loads(examples_file.read_text())["radiology"]
+        image, question = artifacts / example["image"], example["question"]
+    else:
+        image, question = Path("path/to/chest.png"), "Is there a pleural effusion?"
+    return f"curl -s -F image=@{image} -F 'question={question}' {base_url}/vqa"
+
+
+class Stack:
+    """The running children; ``stop`` terminates them all (SIGTERM, then SIGKILL after a grace period)."""
+
+    def __init__(self) -> None:
+        self.children: list[tuple[ServiceProcess, subprocess.Popen, TextIO]] = []
+
+    def start(
+        self, service: ServiceProcess, host: str, artifacts: Path, env: dict[str, str], log_dir: Path
+    ) -> None:
+        log = (log_dir / f"{service.name}.log").open("a", encoding="utf-8")
+        command = [
+            sys.executable,
+            "-m",
+            f"services.{service.name}",
+            "--host",
+            host,
+            "--port",
+            str(service.port),
+            "--artifacts",
+            str(artifacts),
+        ]
+        child = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.children.append((service, child, log))
+
+    def wait_ready(self, host: str, log_dir: Path, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        for service, child, _ in self.children:
+            url = f"http://{host}:{service.port}{service.ready_path}"
+            while True:
+                if child.poll() is not None:
+                    tail = _tail(log_dir / f"{service.name}.log")
+                    raise RuntimeError(
+                        f"{service.name} exited with status {child.returncode}; its log ends:\n{tail}"
+                    )
+                try:
+                    if httpx.get(url, timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"{service.name} not ready after {timeout_s:.0f}s; see {log_dir / service.name}.log"
+                    )
+                time.sleep(0.25)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for _, child, _ in reversed(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for _, child, log in self.children:
+            try:
+                child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            log.close()
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    if not path.is_file():
+        return "(no log)"
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+
+
+def run_stack(
+    artifacts: Path, host: str = "127.0.0.1", port: int = 8000, log_dir: Path = Path("logs")
+) -> int:
+    """Start, wait, print, and block until a signal; returns the exit status."""
+    artifacts = artifacts.resolve()
+    if not (artifacts / MANIFEST).is_file():
+        raise ArtifactError(artifacts / MANIFEST, "no artifacts manifest", root=artifacts)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = service_environment(artifacts, host, port)
+    stack = Stack()
+
+    def _stop_on_sigterm(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        for service in plan(port):
+            stack.start(service, host, artifacts, env, log_dir)
+        stack.wait_ready(host, log_dir)
+        base_url = f"http://{host}:{port}"
+        print(f"MMed-RAG Serve is ready at {base_url}", flush=True)
+        print(f"  API docs: {base_url}/docs", flush=True)
+        print(f"  logs:     {log_dir.resolve()}/<service>.log", flush=True)
+        print(f"  try:      {curl_example(artifacts, base_url)}", flush=True)
+        print("Press Ctrl-C to stop.", flush=True)
+        while True:
+            for service, child, _ in stack.children:
+                if child.poll() is not None:
+                    print(
+                        f"{service.name} stopped unexpectedly (status {child.returncode}); stopping",
+                        file=sys.stderr,
+                    )
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping…", flush=True)
+        return 0
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()

@@ -1,0 +1,1 @@
+"""Retriever service: domain retrievers, the vector-store adapter and adaptive context selection."""

@@ -1,0 +1,83 @@
+"""Public routes: thin wrappers that validate the form and hand it to the pipeline."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Form, Request, UploadFile
+from pydantic import BaseModel, Field
+
+from services.common.errors import ErrorResponse, InvalidInput, PayloadTooLarge
+from services.router.protocol import RAGResponse, RetrievalMode
+from services.router.service import RAGPipeline, RAGRequest
+
+router = APIRouter(tags=["rag"])
+DomainName = Literal["radiology", "ophthalmology", "pathology"]
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503, 504)}
+
+
+class ReportForm(BaseModel):
+    """Multipart form of ``/report``: the image file and the options."""
+
+    image: UploadFile = Field(description="PNG, JPEG or DICOM file.")
+    domain: DomainName | None = Field(None, description="Skip the classifier and use this domain.")
+    retrieval: RetrievalMode = Field(
+        "adaptive", description="adaptive (paper rule), fixed (keep k_max) or off."
+    )
+    k_max: int | None = Field(None, ge=1, description="Retrieved candidates (default and ceiling: settings).")
+    gamma: float | None = Field(None, ge=0, description="Adaptive-selection threshold (default: calibrated).")
+    max_tokens: int | None = Field(None, ge=1, description="Longest answer in tokens.")
+    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy.")
+
+
+class VQAForm(ReportForm):
+    """Options of ``/vqa``: the report options plus the question."""
+
+    question: str = Field(min_length=1, description="A closed (yes/no) question about the image.")
+
+
+def get_pipeline(request: Request) -> RAGPipeline:
+    return request.app.state.pipeline
+
+
+PipelineDep = Annotated[RAGPipeline, Depends(get_pipeline)]
+
+
+async def _read_upload(image: UploadFile, pipeline: RAGPipeline) -> bytes:
+    limit = pipeline.settings.max_image_bytes
+    data = await image.read(limit + 1)
+    if len(data) > limit:
+        raise PayloadTooLarge(f"image is larger than {limit} bytes", param="image")
+    if not data:
+        raise InvalidInput("image is an empty file", param="image")
+    return data
+
+
+@router.post(
+    "/vqa", response_model=RAGResponse, responses=ERRORS, summary="Answer a yes/no question about an image"
+)
+async def vqa(
+    request: Request,
+    pipeline: PipelineDep,
+    form: Annotated[VQAForm, Form()],
+) -> RAGResponse:
+    """Closed visual question answering with domain-aware retrieval."""
+    data = await _read_upload(form.image, pipeline)
+    options = form.model_dump(exclude={"image"})
+    return await pipeline.run(
+        RAGRequest(task="vqa", image=data, request_id=request.state.request_id, **options)
+    )
+
+
+@router.post("/report", response_model=RAGResponse, responses=ERRORS, summary="Write a report for an image")
+async def report(
+    request: Request,
+    pipeline: PipelineDep,
+    form: Annotated[ReportForm, Form()],
+) -> RAGResponse:
+    """Report generation with domain-aware retrieval."""
+    data = await _read_upload(form.image, pipeline)
+    options = form.model_dump(exclude={"image"})
+    return await pipeline.run(
+        RAGRequest(task="report", image=data, request_id=request.state.request_id, **options)
+    )

@@ -1,0 +1,120 @@
+"""The router's three dependencies, each behind a small typed client.
+
+Classifier and retriever are our own services (multipart over HTTP, retried: both calls are
+idempotent). The generator is reached through the OpenAI protocol with the ``openai`` client, exactly as
+vLLM serves it: moving from our CPU server to vLLM is a change of ``generator_url`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from services.common.app import REQUEST_ID_HEADER
+from services.common.errors import DependencyTimeout, DependencyUnavailable
+from services.common.http import DownstreamError, ServiceClient
+from services.common.prompts import build_chat_messages
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    probabilities: dict[str, float]
+    confidence: float
+
+
+class ClassifierClient:
+    def __init__(self, client: ServiceClient):
+        self.http = client
+
+    async def classify(self, png: bytes, *, request_id: str) -> Classification:
+        response = await self.http.request(
+            "POST", "/classify", files={"image": ("image.png", png, "image/png")}, request_id=request_id
+        )
+        body = response.json()
+        return Classification(
+            label=body["label"],
+            probabilities=dict(body["probabilities"]),
+            confidence=float(body["confidence"]),
+        )
+
+
+class RetrieverClient:
+    def __init__(self, client: ServiceClient):
+        self.http = client
+
+    async def retrieve(
+        self, png: bytes, *, domain: str, k_max: int, strategy: str, gamma: float | None, request_id: str
+    ) -> dict[str, Any]:
+        form: dict[str, str] = {"domain": domain, "k_max": str(k_max), "strategy": strategy}
+        if gamma is not None:
+            form["gamma"] = str(gamma)
+        response = await self.http.request(
+            "POST",
+            "/retrieve",
+            files={"image": ("image.png", png, "image/png")},
+            data=form,
+            request_id=request_id,
+        )
+        return response.json()
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    model: str
+
+
+class GeneratorClient:
+    """OpenAI chat completions; one image (as a data URL) and one text part per request."""
+
+    def __init__(self, base_url: str, *, model: str, api_key: str, timeout_s: float, http_client: Any = None):
+        self.model = model
+        self.base_url = base_url
+        self._client = openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0, http_client=http_client
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def generate(
+        self, prompt: str, image_url: str, *, max_tokens: int, temperature: float, request_id: str
+    ) -> Generation:
+        try:
+            completion = await self._client.chat.completions.create(
+                model=self.model,
+                messages=build_chat_messages(prompt, image_url),  # type: ignore[arg-type]
+                max_tokens=max_tokens,
+                temperature=temperature,
+                extra_headers={REQUEST_ID_HEADER: request_id},
+            )
+        except openai.APITimeoutError as exc:
+            raise DependencyTimeout("generator did not answer before the deadline") from exc
+        except openai.APIConnectionError as exc:
+            raise DependencyUnavailable(
+                f"cannot reach the generator at {self.base_url}", code="generator_unavailable"
+            ) from exc
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500:
+                raise DependencyUnavailable(
+                    f"generator failed ({exc.status_code})", code="generator_unavailable"
+                ) from exc
+            raise DownstreamError(
+                exc.status_code,
+                f"generator refused the request: {exc.message}",
+                code="generator_rejected",
+                error_type="invalid_request_error",
+                param=None,
+            ) from exc
+        content = completion.choices[0].message.content or ""
+        return Generation(text=content, model=completion.model)
+
+    async def ready(self) -> bool:
+        try:
+            await self._client.models.list(timeout=2.0)
+        except openai.OpenAIError:
+            return False
+        return True

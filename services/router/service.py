@@ -1,0 +1,191 @@
+"""The MMed-RAG pipeline behind ``/vqa`` and ``/report``: decode → classify → retrieve → prompt → generate.
+
+The upload is decoded and validated once; the classifier, retriever and generator then receive the same
+normalised PNG (the generator as a base64 data URL: the router never forwards a user URL).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+
+from services.common.answers import parse_yes_no
+from services.common.errors import InvalidInput, UnprocessableImage
+from services.common.images import ImageLimits, decode_image, encode_png, to_data_url
+from services.common.prompts import build_prompt
+from services.router.dependencies import ClassifierClient, GeneratorClient, RetrieverClient
+from services.router.protocol import DomainInfo, Evidence, RAGResponse, RetrievalInfo, RetrievalMode
+from services.router.settings import RouterSettings
+
+DOMAINS = ("radiology", "ophthalmology", "pathology")
+Task = Literal["vqa", "report"]
+
+
+@dataclass
+class RAGRequest:
+    """A validated request (the API layer has checked types and ranges)."""
+
+    task: Task
+    image: bytes
+    request_id: str
+    question: str | None = None
+    domain: str | None = None
+    retrieval: RetrievalMode = "adaptive"
+    k_max: int | None = None
+    gamma: float | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass
+class _Clock:
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    def stage(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings_ms[name] = round((now - since) * 1000, 2)
+        return now
+
+
+class RAGPipeline:
+    """Orchestrates one request across the three dependencies."""
+
+    def __init__(
+        self,
+        settings: RouterSettings,
+        classifier: ClassifierClient,
+        retriever: RetrieverClient,
+        generator: GeneratorClient,
+    ):
+        self.settings = settings
+        self.classifier = classifier
+        self.retriever = retriever
+        self.generator = generator
+        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+
+    def validate(self, request: RAGRequest) -> None:
+        """Range checks that depend on settings (types were checked by the API layer)."""
+        s = self.settings
+        if request.task == "vqa":
+            if request.question is None or not request.question.strip():
+                raise InvalidInput("'question' is required and must not be empty", param="question")
+            if len(request.question) > s.max_question_chars:
+                raise InvalidInput(
+                    f"'question' is longer than {s.max_question_chars} characters", param="question"
+                )
+        if request.domain is not None and request.domain not in DOMAINS:
+            raise InvalidInput(
+                f"'domain' must be one of {', '.join(DOMAINS)}; got {request.domain!r}", param="domain"
+            )
+        if request.k_max is not None and not 1 <= request.k_max <= s.k_max_ceiling:
+            raise InvalidInput(
+                f"'k_max' must be between 1 and {s.k_max_ceiling}; got {request.k_max}", param="k_max"
+            )
+        if request.max_tokens is not None and not 1 <= request.max_tokens <= s.max_tokens_ceiling:
+            raise InvalidInput(
+                f"'max_tokens' must be between 1 and {s.max_tokens_ceiling}; got {request.max_tokens}",
+                param="max_tokens",
+            )
+
+    async def run(self, request: RAGRequest) -> RAGResponse:
+        self.validate(request)
+        clock = _Clock()
+        warnings: list[str] = []
+        decoded = await anyio.to_thread.run_sync(decode_image, request.image, self.limits)
+        png = await anyio.to_thread.run_sync(encode_png, decoded.image)
+        warnings.extend(decoded.warnings)
+        mark = clock.stage("decode", clock.started)
+
+        domain = await self._domain(request, png, warnings)
+        mark = clock.stage("classify", mark)
+
+        evidence, retrieval = await self._retrieve(request, png, domain.label)
+        mark = clock.stage("retrieve", mark)
+
+        references = [e.text for e in evidence if e.kept]
+        prompt = build_prompt(request.task, domain.label, references, request.question)
+        default_tokens = (
+            self.settings.max_tokens_vqa if request.task == "vqa" else self.settings.max_tokens_report
+        )
+        generation = await self.generator.generate(
+            prompt,
+            to_data_url(png),
+            max_tokens=request.max_tokens or default_tokens,
+            temperature=self.settings.temperature_default
+            if request.temperature is None
+            else request.temperature,
+            request_id=request.request_id,
+        )
+        mark = clock.stage("generate", mark)
+        clock.timings_ms["total"] = round((mark - clock.started) * 1000, 2)
+
+        text = generation.text.strip()
+        answer = parse_yes_no(text) if request.task == "vqa" else text
+        if not text:
+            warnings.append("the model returned an empty answer")
+        return RAGResponse(
+            answer=answer,
+            text=generation.text,
+            domain=domain,
+            evidence=evidence,
+            retrieval=retrieval,
+            model=generation.model,
+            timings_ms=clock.timings_ms,
+            request_id=request.request_id,
+            warnings=warnings,
+        )
+
+    async def _domain(self, request: RAGRequest, png: bytes, warnings: list[str]) -> DomainInfo:
+        if request.domain is not None:
+            return DomainInfo(label=request.domain, source="client")
+        result = await self.classifier.classify(png, request_id=request.request_id)
+        if result.confidence < self.settings.min_domain_confidence:
+            message = (
+                f"the image does not look like any known domain (best: {result.label}, confidence "
+                f"{result.confidence:.2f} < {self.settings.min_domain_confidence}); pass 'domain' to override"
+            )
+            if self.settings.low_confidence_action == "refuse":
+                raise UnprocessableImage(message, code="unknown_domain", param="image")
+            warnings.append(message)
+        return DomainInfo(label=result.label, probabilities=result.probabilities, source="classifier")
+
+    async def _retrieve(
+        self, request: RAGRequest, png: bytes, domain: str
+    ) -> tuple[list[Evidence], RetrievalInfo]:
+        k_max = request.k_max or self.settings.k_max_default
+        if request.retrieval == "off":
+            return [], RetrievalInfo(mode="off", k_max=0, k=0, gamma=None)
+        body = await self.retriever.retrieve(
+            png,
+            domain=domain,
+            k_max=k_max,
+            strategy=request.retrieval,
+            gamma=request.gamma,
+            request_id=request.request_id,
+        )
+        evidence = [
+            Evidence(
+                id=str(c["id"]),
+                text=c["text"],
+                score=float(c["score"]),
+                rank=int(c["rank"]),
+                source=str(c.get("source") or domain),
+                kept=bool(c["kept"]),
+            )
+            for c in body["contexts"]
+        ]
+        kept = sum(e.kept for e in evidence)
+        gamma = body.get("gamma") if request.retrieval == "adaptive" else None
+        return evidence, RetrievalInfo(mode=request.retrieval, k_max=k_max, k=kept, gamma=gamma)
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {
+            "classifier": await self.classifier.http.ready(),
+            "retriever": await self.retriever.http.ready(),
+            "generator": await self.generator.ready(),
+        }
+        return checks
