@@ -28,7 +28,9 @@ def test_format_names_in_help_match_the_registry() -> None:
 def test_synth_then_check_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ms"
     with pytest.raises(SystemExit) as stop:
-        main(["data", "synth", "--out", str(out), "--per-domain", "16", "--image-size", "64", "--workers", "1"])
+        main(
+            ["data", "synth", "--out", str(out), "--per-domain", "16", "--image-size", "64", "--workers", "1"]
+        )
     assert stop.value.code == 0
     assert json.loads((out / "medsynth.json").read_text())["per_domain"] == 16
     assert "wrote 48 images" in capsys.readouterr().out
@@ -48,6 +50,8 @@ def test_missing_folder_for_check_is_reported(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_unknown_import_format_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["data", "import", "--format", "dicom-zoo", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+    status = main(
+        ["data", "import", "--format", "dicom-zoo", "--root", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
     assert status == 1
     assert "dicom-zoo" in capsys.readouterr().err

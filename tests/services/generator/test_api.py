@@ -34,7 +34,8 @@ def test_chat_template_renders_the_training_conversation(generator_service: Gene
     expected = render_conversation(QUESTION)
     assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
     assert (
-        processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == expected
+        processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        == expected
     )
 
 
@@ -60,9 +61,13 @@ async def test_answer_has_the_openai_shape_and_exact_usage(
     assert response.headers["X-Request-ID"]
 
 
-async def test_greedy_is_deterministic_and_a_seed_fixes_sampling(make_app: Callable, chat_body: Callable) -> None:
+async def test_greedy_is_deterministic_and_a_seed_fixes_sampling(
+    make_app: Callable, chat_body: Callable
+) -> None:
     app = make_app()
-    greedy = [(await post_chat(app, chat_body())).json()["choices"][0]["message"]["content"] for _ in range(2)]
+    greedy = [
+        (await post_chat(app, chat_body())).json()["choices"][0]["message"]["content"] for _ in range(2)
+    ]
     assert greedy[0] == greedy[1]
     sampled = [
         (await post_chat(app, chat_body(temperature=1.5, seed=s))).json()["choices"][0]["message"]["content"]
@@ -72,7 +77,9 @@ async def test_greedy_is_deterministic_and_a_seed_fixes_sampling(make_app: Calla
     assert sampled[0] != sampled[2]
 
 
-async def test_concurrent_requests_get_the_answers_they_get_alone(make_app: Callable, chat_body: Callable) -> None:
+async def test_concurrent_requests_get_the_answers_they_get_alone(
+    make_app: Callable, chat_body: Callable
+) -> None:
     app = make_app()
     bodies = [chat_body(prompt="Describe the image."), chat_body(prompt=QUESTION)]
     alone = [(await post_chat(app, body)).json()["choices"][0]["message"]["content"] for body in bodies]
@@ -80,7 +87,9 @@ async def test_concurrent_requests_get_the_answers_they_get_alone(make_app: Call
     assert [r.json()["choices"][0]["message"]["content"] for r in together] == alone
 
 
-async def test_max_tokens_and_max_completion_tokens_cap_the_answer(make_app: Callable, chat_body: Callable) -> None:
+async def test_max_tokens_and_max_completion_tokens_cap_the_answer(
+    make_app: Callable, chat_body: Callable
+) -> None:
     app = make_app()
     short = (await post_chat(app, chat_body(max_tokens=3))).json()
     assert short["usage"]["completion_tokens"] == 3 and short["choices"][0]["finish_reason"] == "length"
@@ -135,19 +144,25 @@ BAD_REQUESTS: dict[str, tuple[Callable[[dict, str], dict], int, str, str | None]
         "messages",
     ),
     "http url": (
-        lambda b, u: _with_content(b, [_image_part("https://example.org/x.png"), {"type": "text", "text": "?"}]),
+        lambda b, u: _with_content(
+            b, [_image_part("https://example.org/x.png"), {"type": "text", "text": "?"}]
+        ),
         400,
         "remote media not allowed",
         "messages",
     ),
     "bad base64": (
-        lambda b, u: _with_content(b, [_image_part("data:image/png;base64,@@@"), {"type": "text", "text": "?"}]),
+        lambda b, u: _with_content(
+            b, [_image_part("data:image/png;base64,@@@"), {"type": "text", "text": "?"}]
+        ),
         400,
         "not valid base64",
         "image_url",
     ),
     "not an image": (
-        lambda b, u: _with_content(b, [_image_part("data:image/png;base64,aGVsbG8="), {"type": "text", "text": "?"}]),
+        lambda b, u: _with_content(
+            b, [_image_part("data:image/png;base64,aGVsbG8="), {"type": "text", "text": "?"}]
+        ),
         415,
         "unrecognised image format",
         None,
@@ -169,10 +184,20 @@ BAD_REQUESTS: dict[str, tuple[Callable[[dict, str], dict], int, str, str | None]
         "messages",
     ),
     "empty messages": (lambda b, u: {**b, "messages": []}, 400, "at least 1 item", "messages"),
-    "unknown role": (lambda b, u: _with_content(b, "hi", role="tool"), 400, "'messages.0.role'", "messages.0.role"),
+    "unknown role": (
+        lambda b, u: _with_content(b, "hi", role="tool"),
+        400,
+        "'messages.0.role'",
+        "messages.0.role",
+    ),
     "max_tokens over ceiling": (lambda b, u: {**b, "max_tokens": 65}, 400, "at most 64", "max_tokens"),
     "max_tokens zero": (lambda b, u: {**b, "max_tokens": 0}, 400, "greater than or equal to 1", "max_tokens"),
-    "top_logprobs without logprobs": (lambda b, u: {**b, "top_logprobs": 2}, 400, "requires logprobs", "top_logprobs"),
+    "top_logprobs without logprobs": (
+        lambda b, u: {**b, "top_logprobs": 2},
+        400,
+        "requires logprobs",
+        "top_logprobs",
+    ),
     "top_logprobs too many": (
         lambda b, u: {**b, "logprobs": True, "top_logprobs": 21},
         400,
@@ -213,7 +238,9 @@ async def test_api_key_guards_the_v1_routes_only(make_app: Callable, chat_body: 
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
         good = {"Authorization": "Bearer s3cret"}
         assert (await client.get("/v1/models", headers=good)).status_code == 200
-        assert (await client.post("/v1/chat/completions", json=chat_body(max_tokens=1), headers=good)).status_code == 200
+        assert (
+            await client.post("/v1/chat/completions", json=chat_body(max_tokens=1), headers=good)
+        ).status_code == 200
         assert (await client.get("/health")).status_code == 200
 
 

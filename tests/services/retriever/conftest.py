@@ -82,4 +82,3 @@ def copied_artifacts(retriever_artifacts: RetrieverArtifacts, tmp_path: Path) ->
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-

@@ -49,7 +49,9 @@ def test_search_returns_cosine_nearest_first(store: VectorStore):
     expected = np.argsort(-_cosine(query, vectors))[:4]
     assert [hit.id for hit in hits] == [str(i) for i in expected]
     assert [hit.text for hit in hits] == [f"report {i}" for i in expected]
-    np.testing.assert_allclose([hit.score for hit in hits], np.sort(_cosine(query, vectors))[::-1][:4], rtol=1e-5)
+    np.testing.assert_allclose(
+        [hit.score for hit in hits], np.sort(_cosine(query, vectors))[::-1][:4], rtol=1e-5
+    )
     assert hits[0].payload == {"text": "report 3", "dataset": "d"}
     assert len(store.search("mmedrag_radiology", query, limit=50)) == 6
 
@@ -92,7 +94,9 @@ def test_unreachable_server_is_dependency_unavailable():
         port = sock.getsockname()[1]
     store = VectorStore.open(url=f"http://127.0.0.1:{port}", timeout=2)
     assert not store.embedded
-    with pytest.raises(DependencyUnavailable, match=f"Qdrant server at http://127.0.0.1:{port} is unreachable"):
+    with pytest.raises(
+        DependencyUnavailable, match=f"Qdrant server at http://127.0.0.1:{port} is unreachable"
+    ):
         store.ping()
     with pytest.raises(DependencyUnavailable):
         store.search("mmedrag_radiology", [0.1] * 8, limit=3)

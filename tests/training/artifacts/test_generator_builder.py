@@ -11,7 +11,12 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from services.common.artifacts import sha256_file
-from services.common.prompts import CHAT_TEMPLATE, build_chat_messages, build_report_prompt, render_conversation
+from services.common.prompts import (
+    CHAT_TEMPLATE,
+    build_chat_messages,
+    build_report_prompt,
+    render_conversation,
+)
 from training.artifacts.generator import build_tiny_generator
 
 CORPUS = ("The cardiac silhouette is enlarged. Small bilateral pleural effusions.",)
@@ -47,7 +52,9 @@ def test_folder_has_every_file_transformers_and_vllm_read(folder: Path) -> None:
     assert sum(path.stat().st_size for path in folder.iterdir()) < 5 * 1024 * 1024
 
 
-def test_same_seed_gives_byte_identical_files_and_another_seed_other_weights(folder: Path, tmp_path: Path) -> None:
+def test_same_seed_gives_byte_identical_files_and_another_seed_other_weights(
+    folder: Path, tmp_path: Path
+) -> None:
     again = build_tiny_generator(tmp_path / "again", corpus=CORPUS, seed=0)
     for path in folder.iterdir():
         assert sha256_file(path) == sha256_file(again / path.name), path.name
@@ -68,7 +75,7 @@ def test_tokenizer_round_trips_text_and_keeps_special_tokens_whole(folder: Path)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     text = (
         "Findings: 2.5 cm opacity (right lower lobe); no pneumothorax. Cup-to-disc ratio 0.6 -- "
-        "\"stable\" vs. prior [yes, no]? 100% necrosis & 3 mitoses/10 HPF.\nImpression: normal."
+        '"stable" vs. prior [yes, no]? 100% necrosis & 3 mitoses/10 HPF.\nImpression: normal.'
     )
     ids = tokenizer.encode(text)
     assert ids[0] == tokenizer.bos_token_id
@@ -78,7 +85,9 @@ def test_tokenizer_round_trips_text_and_keeps_special_tokens_whole(folder: Path)
     eos_id = tokenizer.convert_tokens_to_ids("</s>")
     pieces = tokenizer.encode("a<image>\nb</s>", add_special_tokens=False)
     assert pieces.count(image_id) == 1 and pieces.count(eos_id) == 1
-    assert len({image_id, eos_id, tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}) == 5
+    assert (
+        len({image_id, eos_id, tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}) == 5
+    )
 
 
 def test_corpus_words_become_tokens(tmp_path: Path) -> None:

@@ -30,13 +30,17 @@ def _tree_digest(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def medsynth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("medsynth") / "a"
-    synthesize(SynthConfig(out=out, seed=0, per_domain=PER_DOMAIN, image_size=SIZE, workers=2), progress=False)
+    synthesize(
+        SynthConfig(out=out, seed=0, per_domain=PER_DOMAIN, image_size=SIZE, workers=2), progress=False
+    )
     return out
 
 
 def test_same_arguments_give_identical_trees(medsynth: Path, tmp_path: Path) -> None:
     again = tmp_path / "b"
-    synthesize(SynthConfig(out=again, seed=0, per_domain=PER_DOMAIN, image_size=SIZE, workers=1), progress=False)
+    synthesize(
+        SynthConfig(out=again, seed=0, per_domain=PER_DOMAIN, image_size=SIZE, workers=1), progress=False
+    )
     first, second = _tree_digest(medsynth), _tree_digest(again)
     assert len(first) > 3 * PER_DOMAIN
     assert first == second
@@ -44,7 +48,9 @@ def test_same_arguments_give_identical_trees(medsynth: Path, tmp_path: Path) -> 
 
 def test_another_seed_gives_other_images(medsynth: Path, tmp_path: Path) -> None:
     other = tmp_path / "c"
-    synthesize(SynthConfig(out=other, seed=1, per_domain=PER_DOMAIN, image_size=SIZE, workers=1), progress=False)
+    synthesize(
+        SynthConfig(out=other, seed=1, per_domain=PER_DOMAIN, image_size=SIZE, workers=1), progress=False
+    )
     first, second = _tree_digest(medsynth), _tree_digest(other)
     images = [name for name in first if "/images/" in name]
     assert sum(first[name] != second.get(name) for name in images) == len(images)
@@ -78,9 +84,11 @@ def test_real_loaders_read_every_file_back(medsynth: Path, domain: str) -> None:
             assert (root / record.image).is_file()
             seen_images.setdefault(record.image, split)
             assert seen_images[record.image] == split, "an image appears in two splits"
-        vqa = get_format("vqa").load(
-            medsynth / domain / f"{split}_vqa.jsonl", root, dataset=dataset_name(domain), domain=domain
-        ).records
+        vqa = (
+            get_format("vqa")
+            .load(medsynth / domain / f"{split}_vqa.jsonl", root, dataset=dataset_name(domain), domain=domain)
+            .records
+        )
         assert sum(q.answer == "yes" for q in vqa) == sum(q.answer == "no" for q in vqa)
         for question in vqa:
             image_id = question.id.rsplit("-q", 1)[0]
@@ -101,11 +109,15 @@ def test_vqa_lines_use_the_release_question_format(medsynth: Path) -> None:
 
 
 def test_reports_state_present_findings_and_negate_others(medsynth: Path) -> None:
-    records = get_format("report-mimic-cxr").load(
-        medsynth / "radiology" / "retriever_train_report.json",
-        medsynth / "radiology" / "images",
-        dataset=dataset_name("radiology"),
-    ).records
+    records = (
+        get_format("report-mimic-cxr")
+        .load(
+            medsynth / "radiology" / "retriever_train_report.json",
+            medsynth / "radiology" / "images",
+            dataset=dataset_name("radiology"),
+        )
+        .records
+    )
     assert all(r.report.startswith("FINDINGS:") and "IMPRESSION:" in r.report for r in records)
     assert sum(" No " in f" {r.report}" or "no " in r.report for r in records) >= len(records) // 2
     assert len({r.report for r in records}) > len(records) * 0.8, "reports should vary in wording"
@@ -114,9 +126,11 @@ def test_reports_state_present_findings_and_negate_others(medsynth: Path) -> Non
 def test_harvard_retriever_text_is_the_summary(medsynth: Path) -> None:
     raw = json.loads((medsynth / "ophthalmology" / "retriever_train.json").read_text())
     assert {"gpt4_summary", "report", "glaucoma", "filename", "image_path"} <= set(raw[0])
-    records = get_format("retriever-harvard").load(
-        medsynth / "ophthalmology" / "retriever_train.json", medsynth / "ophthalmology" / "images"
-    ).records
+    records = (
+        get_format("retriever-harvard")
+        .load(medsynth / "ophthalmology" / "retriever_train.json", medsynth / "ophthalmology" / "images")
+        .records
+    )
     assert records[0].report == raw[0]["gpt4_summary"]
     assert raw[0]["image_path"].startswith("slo_fundus_") and raw[0]["filename"].startswith("data_")
 
