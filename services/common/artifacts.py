@@ -3,8 +3,9 @@
 Layout (DESIGN.md §4)::
 
     manifest.json                 what each part is, how it was made, checksums
-    classifier/                   open_clip_config.json, model.safetensors, classifier.json
-    retrievers/<domain>/          open_clip_config.json, model.safetensors, retriever.json
+    classifier/                   open_clip_config.json, open_clip_model.safetensors, classifier.json,
+                                  head.safetensors
+    retrievers/<domain>/          open_clip_config.json, open_clip_model.safetensors, retriever.json
     generator/                    Hugging Face LLaVA folder (config, weights, tokenizer, processor,
                                   chat_template.jinja): loadable by transformers and by `vllm serve`
     index/                        embedded Qdrant store, one collection ``mmedrag_<domain>``
