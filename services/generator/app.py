@@ -21,9 +21,7 @@ VERSION = "0.1.0"
 def _queue_gauges(app: FastAPI, service: GeneratorService) -> None:
     """Queue depth, the signal generator replicas scale on (vLLM exports num_requests_waiting)."""
     registry = app.state.metrics.registry
-    waiting = Gauge(
-        "mmedrag_generator_requests_waiting", "Requests waiting for the model", registry=registry
-    )
+    waiting = Gauge("mmedrag_generator_requests_waiting", "Requests waiting for the model", registry=registry)
     waiting.set_function(lambda: service.waiting)
     running = Gauge("mmedrag_generator_requests_running", "Requests being generated", registry=registry)
     running.set_function(lambda: service.running)
@@ -39,8 +37,9 @@ def build_app(settings: GeneratorSettings | None = None, service: GeneratorServi
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if not generator.ready:
-            await anyio.to_thread.run_sync(generator.load)
+        loaded: GeneratorService = app.state.generator
+        if not loaded.ready:
+            await anyio.to_thread.run_sync(loaded.load)
         yield
 
     async def readiness() -> dict[str, Any]:

@@ -96,6 +96,20 @@ class _StopOnStrings(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` intra-op threads, then restore the process setting (None: leave it alone)."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index where the earliest stop string starts, or None."""
     found = [index for index in (text.find(stop) for stop in stops) if index >= 0]
@@ -110,6 +124,8 @@ class GeneratorService:
         served_model_name: the only ``model`` value requests may name.
         max_tokens_ceiling: the largest ``max_tokens`` accepted.
         dtype: weights dtype on the CPU ("float32" is fastest; "bfloat16" halves the memory).
+        torch_threads: intra-op threads while generating (None: the process setting).
+        image_limits: size and pixel limits of the decoded image.
         artifacts_root: named in the hint of an ArtifactError.
     """
 
@@ -189,7 +205,9 @@ class GeneratorService:
         try:
             processor = AutoProcessor.from_pretrained(self.folder, local_files_only=True)
         except Exception as exc:  # transformers raises many types on a broken folder
-            raise self._error(self.folder / "tokenizer_config.json", f"processor cannot be loaded: {exc}") from exc
+            raise self._error(
+                self.folder / "tokenizer_config.json", f"processor cannot be loaded: {exc}"
+            ) from exc
         if getattr(processor, "chat_template", None) is None:
             raise self._error(self.folder / "chat_template.jinja", "the processor has no chat template")
         try:
@@ -205,14 +223,15 @@ class GeneratorService:
                 f"image_token_index {model.config.image_token_id} differs from the tokenizer's "
                 f"<image> id {image_token_id}",
             )
-        if self.torch_threads is not None:
-            torch.set_num_threads(self.torch_threads)
         self.processor = processor
         self.max_model_len = int(model.config.text_config.max_position_embeddings)
         self.model = model.eval()
         self.loaded_at = int(time.time())
         logger.info(
-            "loaded generator %s from %s in %.1fs", self.served_model_name, self.folder, time.perf_counter() - started
+            "loaded generator %s from %s in %.1fs",
+            self.served_model_name,
+            self.folder,
+            time.perf_counter() - started,
         )
 
     # ------------------------------------------------------------------------------------------ serving
@@ -254,7 +273,9 @@ class GeneratorService:
         for message in request.messages:
             found = message.image_urls()
             if found and message.role != "user":
-                raise InvalidInput(f"images are accepted in user messages only, not {message.role}", param="messages")
+                raise InvalidInput(
+                    f"images are accepted in user messages only, not {message.role}", param="messages"
+                )
             urls.extend(found)
         if len(urls) != IMAGES_PER_PROMPT:
             raise InvalidInput(
@@ -266,17 +287,22 @@ class GeneratorService:
         url = urls[0].strip()
         if not url.lower().startswith("data:"):
             raise InvalidInput(
-                "remote media not allowed: send the image inline as a base64 data URL (data:image/png;base64,...)",
+                "remote media not allowed: send the image inline as a base64 data URL "
+                "(data:image/png;base64,...)",
                 param="messages",
                 code="remote_media_not_allowed",
             )
         return url
 
-    async def chat(self, request: ChatCompletionRequest, *, request_id: str | None = None) -> ChatCompletionResponse:
+    async def chat(
+        self, request: ChatCompletionRequest, *, request_id: str | None = None
+    ) -> ChatCompletionResponse:
         """Answer one request; raises the error-envelope exceptions on anything a client must fix."""
         self._require_ready()
         if request.model is not None and request.model != self.served_model_name:
-            raise NotFound(f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+            raise NotFound(
+                f"The model `{request.model}` does not exist.", param="model", code="model_not_found"
+            )
         params = self.sampling_params(request)
         url = self._image_url(request)
         decoded = await anyio.to_thread.run_sync(decode_data_url, url, self.image_limits)
@@ -309,7 +335,9 @@ class GeneratorService:
 
     # ------------------------------------------------------------------------------------------ generation
 
-    def generate(self, conversation: list[dict[str, Any]], image: Image.Image, params: SamplingParams) -> Generation:
+    def generate(
+        self, conversation: list[dict[str, Any]], image: Image.Image, params: SamplingParams
+    ) -> Generation:
         """Blocking generation of one answer; callers in an event loop run it in a worker thread."""
         self._require_ready()
         text = self.render(conversation)
@@ -336,7 +364,11 @@ class GeneratorService:
             stopping = StoppingCriteriaList(
                 [_StopOnStrings(tokenizer, params.stop, prompt_len)] if params.stop else []
             )
-            with torch.random.fork_rng(devices=[], enabled=params.seed is not None), torch.inference_mode():
+            with (
+                _torch_threads(self.torch_threads),
+                torch.random.fork_rng(devices=[], enabled=params.seed is not None),
+                torch.inference_mode(),
+            ):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 output = self.model.generate(**inputs, generation_config=config, stopping_criteria=stopping)

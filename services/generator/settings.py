@@ -40,7 +40,9 @@ class GeneratorSettings(ServiceSettings):
         "float32", description="Weights dtype on the CPU: float32 is fastest, bfloat16 halves the memory."
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="CPU threads torch may use for generation; default: torch's choice."
+        None,
+        ge=1,
+        description="Intra-op CPU threads while generating (default: torch's choice); 1 suits tiny models.",
     )
 
     @property

@@ -157,7 +157,7 @@ class RetrieverService:
 
         service = RetrieverService(RetrieverSettings(artifacts=root))
         service.load()
-        response = await service.retrieve(image, domain="radiology", k_max=8)
+        response = await service.retrieve(image, RetrieveParams(domain="radiology", k_max=8))
     """
 
     def __init__(

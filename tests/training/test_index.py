@@ -207,3 +207,24 @@ def test_real_retriever_text_query_ranks_its_own_report_first(medsynth: Path, tm
             assert hits[0].score == pytest.approx(1.0, abs=1e-4)
     finally:
         store.close()
+
+
+def test_index_command_builds_the_collection_from_a_medsynth_folder(medsynth: Path, tmp_path: Path):
+    import typer
+    from typer.testing import CliRunner
+
+    from training.index import index_cli
+
+    root = tmp_path / "artifacts"
+    write_clip_artifact(root / "retrievers" / "ophthalmology", seed=2)
+    app = typer.Typer()
+    app.command("index")(index_cli)
+    args = ["--domain", "ophthalmology", "--data", str(medsynth), "--artifacts", str(root)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    unique = len({r.text for r in load_corpus_from_medsynth(medsynth, "ophthalmology")})
+    assert f"mmedrag_ophthalmology: {unique} texts ({unique} added" in first.output
+    again = CliRunner().invoke(app, args)
+    assert f"(0 added, 0 updated, {unique} unchanged)" in again.output
+    neither = CliRunner().invoke(app, ["--domain", "ophthalmology", "--artifacts", str(root)])
+    assert neither.exit_code != 0 and "--data" in neither.output

@@ -105,7 +105,9 @@ def _prompt_texts() -> Iterator[str]:
             yield render_conversation(build_report_prompt(domain, references), "The image is normal.")
 
 
-def build_tokenizer(corpus: Sequence[str] = (), *, vocab_size: int = TINY_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    corpus: Sequence[str] = (), *, vocab_size: int = TINY_VOCAB_SIZE
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE (lossless on any text) with <s>, </s>, <unk>, <pad> and the <image> placeholder.
 
     Encoding adds ``<s>`` in front (as LLaVA's Llama tokenizer does); ``</s>`` inside text (the chat

@@ -25,7 +25,9 @@ def generator_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def generator_service(generator_folder: Path) -> GeneratorService:
-    service = GeneratorService(generator_folder, served_model_name=SERVED, max_tokens_ceiling=64)
+    service = GeneratorService(
+        generator_folder, served_model_name=SERVED, max_tokens_ceiling=64, torch_threads=1
+    )
     service.load()
     return service
 

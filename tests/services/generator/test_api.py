@@ -126,6 +126,17 @@ async def test_stop_string_ends_the_answer_before_it(make_app: Callable, chat_bo
     assert cut["usage"]["completion_tokens"] < 12
 
 
+async def test_context_length_is_checked_like_vllm(make_app: Callable, chat_body: Callable) -> None:
+    app = make_app()
+    too_long = await post_chat(app, chat_body(prompt="effusion " * 2100))
+    assert too_long.status_code == 400
+    error = too_long.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert "maximum context length is 2048 tokens" in error["message"]
+    tight = await post_chat(app, chat_body(prompt="effusion " * 1960, max_tokens=64))
+    assert tight.status_code == 400 and tight.json()["error"]["param"] == "max_tokens"
+
+
 def _image_part(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
@@ -271,7 +282,7 @@ async def test_before_loading_everything_answers_503(generator_folder: Path, cha
 
 
 async def test_lifespan_loads_the_model_named_by_the_settings(generator_folder: Path) -> None:
-    settings = GeneratorSettings(artifacts=generator_folder.parent, served_model_name="tiny")
+    settings = GeneratorSettings(artifacts=generator_folder.parent, served_model_name="tiny", torch_threads=1)
     assert settings.model_folder == generator_folder
     app = build_app(settings)
     async with app.router.lifespan_context(app), client_for(app) as client:

@@ -83,7 +83,7 @@ def _free_port() -> int:
 @pytest.fixture
 def live_server(generator_folder: Path) -> Iterator[str]:
     """uvicorn on loopback; the app loads the model itself in its lifespan, as in production."""
-    settings = GeneratorSettings(model_dir=generator_folder, port=_free_port())
+    settings = GeneratorSettings(model_dir=generator_folder, port=_free_port(), torch_threads=1)
     server = uvicorn.Server(
         uvicorn.Config(build_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
     )

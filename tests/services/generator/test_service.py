@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.common.artifacts import ArtifactError
+from services.generator.app import build_app
 from services.generator.service import GeneratorService
 from services.generator.settings import GeneratorSettings
 
@@ -86,3 +87,11 @@ def test_settings_read_their_env_prefix(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert "topsecret-key" not in repr(settings)
     monkeypatch.setenv("MMEDRAG_GENERATOR_MODEL_DIR", str(tmp_path / "elsewhere"))
     assert GeneratorSettings().model_folder == tmp_path / "elsewhere"
+
+
+@pytest.mark.anyio
+async def test_app_start_up_fails_on_a_missing_folder(tmp_path: Path) -> None:
+    app = build_app(GeneratorSettings(artifacts=tmp_path))
+    with pytest.raises(ArtifactError, match="generator model folder not found"):
+        async with app.router.lifespan_context(app):
+            pass

@@ -25,7 +25,9 @@ def png_bytes(size: tuple[int, int] = (64, 64), colour: tuple[int, int, int] = (
 
 
 def client_for(service: RetrieverService) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(service=service)), base_url="http://retriever")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=build_app(service=service)), base_url="http://retriever"
+    )
 
 
 async def post(client: httpx.AsyncClient, image: bytes | None, **form: object) -> httpx.Response:
@@ -45,7 +47,9 @@ def _error(response: httpx.Response, status: int) -> dict:
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
-async def test_returns_k_max_ranked_contexts_from_the_domain_corpus(client, retriever_artifacts, retriever_service, domain):
+async def test_returns_k_max_ranked_contexts_from_the_domain_corpus(
+    client, retriever_artifacts, retriever_service, domain
+):
     response = await post(client, retriever_artifacts.image(domain), domain=domain, k_max=5)
     assert response.status_code == 200, response.text
     body = response.json()
@@ -65,7 +69,9 @@ async def test_returns_k_max_ranked_contexts_from_the_domain_corpus(client, retr
     for other in set(DOMAINS) - {domain}:
         assert not {c["text"] for c in contexts} & retriever_artifacts.texts(other)
     ids = {r.id for r in retriever_artifacts.corpora[domain]}
-    assert all(c["id"] in ids and c["id"] in c["report_ids"] and set(c["report_ids"]) <= ids for c in contexts)
+    assert all(
+        c["id"] in ids and c["id"] in c["report_ids"] and set(c["report_ids"]) <= ids for c in contexts
+    )
     assert {c["source"] for c in contexts} == {retriever_artifacts.corpora[domain][0].dataset}
     assert len({c["text"] for c in contexts}) == 5  # duplicates were stored once
 
@@ -74,7 +80,9 @@ async def test_k_max_defaults_to_ten_and_is_capped_by_the_corpus(client, retriev
     body = (await post(client, retriever_artifacts.image("radiology"), domain="radiology")).json()
     assert body["k_max"] == 10
     assert len(body["contexts"]) == len(retriever_artifacts.texts("radiology")) == 10
-    body = (await post(client, retriever_artifacts.image("ophthalmology"), domain="ophthalmology", k_max=50)).json()
+    body = (
+        await post(client, retriever_artifacts.image("ophthalmology"), domain="ophthalmology", k_max=50)
+    ).json()
     assert len(body["contexts"]) == len(retriever_artifacts.texts("ophthalmology")) < 50
 
 
@@ -88,7 +96,9 @@ async def test_strategies(client, retriever_artifacts):
     fixed = (await post(client, image, domain="pathology", k_max=6, strategy="fixed")).json()
     assert fixed["k"] == 6 and all(c["kept"] for c in fixed["contexts"])
 
-    ratio = (await post(client, image, domain="pathology", k_max=6, strategy="ratio", ratio_threshold=1.2)).json()
+    ratio = (
+        await post(client, image, domain="pathology", k_max=6, strategy="ratio", ratio_threshold=1.2)
+    ).json()
     scores = [c["score"] for c in ratio["contexts"]]
     assert ratio["ratio_threshold"] == 1.2 and ratio["gamma"] is None
     assert ratio["k"] == select_ratio(scores, threshold=1.2, k_max=6)
@@ -143,7 +153,8 @@ async def test_image_errors(client):
 
 async def test_domain_not_served_here_is_404(retriever_service, retriever_artifacts):
     only = RetrieverService(
-        RetrieverSettings(artifacts=retriever_artifacts.root, domains="radiology"), store=retriever_service.store
+        RetrieverSettings(artifacts=retriever_artifacts.root, domains="radiology"),
+        store=retriever_service.store,
     )
     only.load()
     async with client_for(only) as client:

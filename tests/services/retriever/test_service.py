@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.common.artifacts import ArtifactError
+from services.common.artifacts import ArtifactError, sha256_file
 from services.common.errors import NotFound
 from services.retriever.protocol import RetrieveParams
+from services.retriever.selection import select_paper
 from services.retriever.service import ImageBatcher, RetrieverService
 from services.retriever.settings import RetrieverSettings
 from services.retriever.store import VectorStore
+from training.artifacts.clip import write_clip_artifact
+from training.artifacts.retriever import write_retriever_sidecar
 
 pytestmark = pytest.mark.anyio
 
 
 def test_refuses_an_index_built_by_another_retriever(copied_artifacts: Path, retriever_service):
-    from training.artifacts.clip import write_clip_artifact
-    from training.artifacts.retriever import write_retriever_sidecar
-
     indexed_with = retriever_service.retrievers["radiology"].encoder.weights_sha256
     folder = copied_artifacts / "retrievers" / "radiology"
     shutil.rmtree(folder)
@@ -36,8 +36,6 @@ def test_refuses_an_index_built_by_another_retriever(copied_artifacts: Path, ret
     message = str(caught.value)
     assert "collection 'mmedrag_radiology'" in message
     assert indexed_with in message
-    from services.common.artifacts import sha256_file
-
     assert sha256_file(folder / "open_clip_model.safetensors") in message
     assert "mmedrag index --domain radiology" in message
     assert not service.ready
@@ -66,7 +64,7 @@ def test_sidecar_problems_name_the_file(copied_artifacts: Path):
     data = json.loads(sidecar.read_text())
     sidecar.write_text(json.dumps({**data, "domain": "pathology"}))
     settings = RetrieverSettings(artifacts=copied_artifacts, domains="ophthalmology")
-    with pytest.raises(ArtifactError, match="retriever.json: is for domain 'pathology'"):
+    with pytest.raises(ArtifactError, match=r"retriever\.json: is for domain 'pathology'"):
         RetrieverService(settings).load()
     sidecar.write_text(json.dumps({**data, "gamma": -1}))
     with pytest.raises(ArtifactError, match="gamma"):
@@ -76,10 +74,10 @@ def test_sidecar_problems_name_the_file(copied_artifacts: Path):
         RetrieverService(settings).load()
 
 
-def test_gamma_comes_from_the_sidecar_else_the_setting(copied_artifacts: Path, retriever_artifacts):
-    from training.artifacts.retriever import write_retriever_sidecar
-
-    write_retriever_sidecar(copied_artifacts / "retrievers" / "radiology", "radiology", gamma=0.2, k_max_default=7)
+def test_gamma_comes_from_the_sidecar_else_the_setting(copied_artifacts: Path):
+    write_retriever_sidecar(
+        copied_artifacts / "retrievers" / "radiology", "radiology", gamma=0.2, k_max_default=7
+    )
     service = RetrieverService(
         RetrieverSettings(artifacts=copied_artifacts, domains="radiology,pathology", default_gamma=0.11)
     )
@@ -109,8 +107,6 @@ async def test_retrieve_matches_the_selection_rule(retriever_service, retriever_
     image = Image.open(retriever_artifacts.data / "pathology" / "images" / "00001.jpg").convert("RGB")
     response = await retriever_service.retrieve(image, RetrieveParams(domain="pathology", k_max=6, gamma=0.0))
     scores = [c.score for c in response.contexts]
-    from services.retriever.selection import select_paper
-
     assert response.k == select_paper(scores, gamma=0.0, k_max=6)
     assert response.kept == response.contexts[: response.k]
 
