@@ -15,6 +15,7 @@ import typer
 
 from mmedrag.errors import run_with_clean_errors
 from training.data.cli import data_app
+from training.index import index_cli
 
 app = typer.Typer(
     name="mmedrag",
@@ -24,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.command("index")(index_cli)
 
 
 @app.callback()

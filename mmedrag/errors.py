@@ -6,11 +6,15 @@ import sys
 
 import typer
 
+from services.common.artifacts import ArtifactError
+from services.common.errors import ServiceError
 from training.data.errors import DatasetFormatError
 
 # Failures a user can cause and fix (bad input, a missing file): shown as one line, never a traceback.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     DatasetFormatError,
+    ArtifactError,
+    ServiceError,
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,

@@ -154,10 +154,22 @@ def test_client_command_line_prints_answer_and_evidence(
     stack_url: str, tiny_artifacts: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     image, question = _example(tiny_artifacts, "ophthalmology")
-    status = client_main(["--url", stack_url, "vqa", "--image", str(image), "--question", question])
+    status = client_main(
+        [
+            "--url",
+            stack_url,
+            "vqa",
+            "--image",
+            str(image),
+            "--question",
+            question,
+            "--domain",
+            "ophthalmology",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0
-    assert out.startswith("answer: ") and "domain: ophthalmology" in out and " 1. [" in out
+    assert out.startswith("answer: ") and "domain: ophthalmology (client)" in out and " 1. [" in out
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
