@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from image_factories import make_dicom
 from mmedrag_client import MMedRAGClient
 from mmedrag_client.cli import main as client_main
 from PIL import Image
+from ports import free_base_port
 
 from services.launcher import Stack, curl_example, plan, service_environment
 from training.data.formats import get_format
@@ -36,32 +36,9 @@ FIELDS = {
 }
 
 
-def _free_base_port() -> int:
-    """A port p such that p..p+3 are all free (the router and the three services after it)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            base = probe.getsockname()[1]
-        if base + 3 > 65535:
-            continue
-        try:
-            sockets = []
-            for offset in range(4):
-                s = socket.socket()
-                s.bind((HOST, base + offset))
-                sockets.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no four consecutive free ports")
-
-
 @pytest.fixture(scope="module")
 def stack_url(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_base_port()
+    port = free_base_port()
     logs = tmp_path_factory.mktemp("logs")
     stack = Stack()
     env = service_environment(tiny_artifacts, HOST, port)
