@@ -1,13 +1,19 @@
-"""Prove that MedSynth images carry their findings: a per-finding linear probe on raw pixels.
+"""Prove that MedSynth images carry their findings: per-finding probes trained on the pixels.
 
-For every domain and every finding of the catalogue, a logistic regression is trained to say "finding
-present" from deliberately simple features -- the image downsampled to ``pixels`` x ``pixels`` (grayscale
-for ``L`` images, RGB kept for colour ones) plus per-channel intensity histograms of the full-resolution
-image (position-free, so scattered findings such as mitoses or drusen are caught too), standardised on
-the training images, the histogram block up-weighted to the same total variance as the pixel block. It is
-trained on the ``retriever_train`` + ``retriever_val`` images and evaluated on the held-out ``preference``
-+ ``test`` images. A finding that such a weak probe cannot detect is unlikely to be drawn visibly; one
-it detects with balanced accuracy >= 0.70 is reported as "learnable".
+Two deliberately small probes look at every domain of a MedSynth folder, both trained on the
+``retriever_train`` + ``retriever_val`` images and evaluated on the held-out ``preference`` + ``test`` ones:
+
+* **linear** -- one logistic regression per finding on the image downsampled to ``pixels`` x ``pixels``
+  (grayscale for ``L`` images, RGB kept for colour ones) plus per-channel intensity histograms of the
+  full-resolution image (position-free, so scattered findings such as mitoses are caught too),
+  standardised on the training images, the histogram block up-weighted to the same total variance as
+  the pixel block. Quick, but blind to small objects whose position varies and to shape changes.
+* **cnn** -- one small convolutional network per domain with one sigmoid output per finding, trained
+  for a fixed number of epochs from a fixed seed on ``CnnProbeConfig.pixels`` images. Global max pooling
+  over space lets it find a nodule or a haemorrhage wherever it lies; convolutions see wiggly vessels.
+
+A finding is "learnable" when the better probe detects it with balanced accuracy >= 0.70. A finding no
+such probe detects is unlikely to be drawn visibly.
 
 The reader of a MedSynth folder (:func:`read_findings`, :func:`read_meta`, :func:`load_catalogue`) is
 shared with ``preview.py``.
