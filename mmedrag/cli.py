@@ -14,7 +14,9 @@ from typing import Annotated
 import typer
 
 from mmedrag.errors import run_with_clean_errors
+from training.calibrate import calibrate_cli
 from training.data.cli import data_app
+from training.evaluate.retrieval import eval_retrieval_cli
 from training.index import index_cli
 
 app = typer.Typer(
@@ -26,6 +28,11 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.command("index")(index_cli)
+app.command("calibrate")(calibrate_cli)
+
+eval_app = typer.Typer(help="Evaluation: retrieval quality (more to come).", no_args_is_help=True)
+eval_app.command("retrieval")(eval_retrieval_cli)
+app.add_typer(eval_app, name="eval")
 
 
 @app.callback()

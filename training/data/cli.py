@@ -84,14 +84,19 @@ def preview(
 @data_app.command("check")
 def check(
     data_dir: Annotated[Path, typer.Argument(help="A MedSynth folder.")],
-    pixels: Annotated[int, typer.Option(help="Side of the downsampled image the classifier sees.")] = 32,
+    probe: Annotated[
+        str, typer.Option(help="linear | cnn | both (the verdict uses the better probe).")
+    ] = "both",
+    pixels: Annotated[int, typer.Option(help="Side of the downsampled image the linear probe sees.")] = 32,
     out: Annotated[Path | None, typer.Option(help="Also write learnability.json/.md here.")] = None,
 ) -> None:
-    """Prove the images carry their findings: a pixel classifier per finding, held-out accuracy."""
+    """Prove the images carry their findings: per-finding linear and CNN probes, held-out accuracy."""
     from training.data.check import check_learnability
 
-    report = check_learnability(data_dir, pixels=pixels)
+    started = time.perf_counter()
+    report = check_learnability(data_dir, probe=probe, pixels=pixels)  # type: ignore[arg-type]  # checked there
     typer.echo(report.to_markdown())
+    typer.echo(f"check took {time.perf_counter() - started:.0f} s", err=True)
     if out is not None:
         report.write(out)
 
