@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from mmedrag.errors import run_with_clean_errors
+from services.status import status_cli
 from training.calibrate import calibrate_cli
 from training.data.cli import data_app
 from training.evaluate.retrieval import eval_retrieval_cli
@@ -29,6 +30,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command("index")(index_cli)
 app.command("calibrate")(calibrate_cli)
+app.command("status")(status_cli)
 
 eval_app = typer.Typer(help="Evaluation: retrieval quality (more to come).", no_args_is_help=True)
 eval_app.command("retrieval")(eval_retrieval_cli)

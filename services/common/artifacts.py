@@ -26,6 +26,9 @@ CLASSIFIER_DIR = "classifier"
 RETRIEVERS_DIR = "retrievers"
 GENERATOR_DIR = "generator"
 INDEX_DIR = "index"
+# open_clip's own local-dir format (the first weights name its factory looks for).
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 BUILD_HINT = (
     "build one with `mmedrag artifacts tiny --out {root}` (tiny test models) "
     "or `mmedrag bootstrap --out {root}` (trained on MedSynth)"

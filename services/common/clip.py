@@ -28,10 +28,15 @@ import torch
 from open_clip.tokenizer import HFTokenizer
 from safetensors import SafetensorError
 
-from services.common.artifacts import ArtifactError, read_json, require_file, sha256_file
+from services.common.artifacts import (
+    OPEN_CLIP_CONFIG,
+    OPEN_CLIP_WEIGHTS,
+    ArtifactError,
+    read_json,
+    require_file,
+    sha256_file,
+)
 
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 # Files that make a folder a Hugging Face tokenizer (open_clip's local-dir convention puts them next
 # to the weights).
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")

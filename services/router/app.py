@@ -14,6 +14,7 @@ from services.router.api import router
 from services.router.dependencies import ClassifierClient, GeneratorClient, RetrieverClient
 from services.router.service import RAGPipeline
 from services.router.settings import RouterSettings
+from services.router.web import attach_web
 
 VERSION = "0.1.0"
 
@@ -60,4 +61,5 @@ def build_app(settings: RouterSettings | None = None, pipeline: RAGPipeline | No
     app.state.settings = settings
     app.state.pipeline = pipeline or build_pipeline(settings)
     app.include_router(router)
+    attach_web(app)
     return app
