@@ -66,6 +66,24 @@ def up(
     raise typer.Exit(run_stack(artifacts, host=host, port=port, log_dir=log_dir))
 
 
+keys_app = typer.Typer(help="API keys of the router.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    key_id: Annotated[str, typer.Option("--id", help="A name for the key (shown in audit logs).")],
+) -> None:
+    """Make a new API key: prints the key once, and the 'id:sha256' entry the router stores."""
+    from services.router.auth import hash_key, new_key
+
+    if not key_id.strip() or any(c in key_id for c in ":,#\n"):
+        raise ValueError("--id must be non-empty and contain none of ':', ',', '#'")
+    key = new_key()
+    typer.echo(f"key (give it to the client; it is not stored): {key}")
+    typer.echo(f"entry (add to MMEDRAG_ROUTER_API_KEYS or the keys file): {key_id}:{hash_key(key)}")
+
+
 artifacts_app = typer.Typer(help="Build artifact folders the services load.", no_args_is_help=True)
 app.add_typer(artifacts_app, name="artifacts")
 

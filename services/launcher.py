@@ -7,6 +7,7 @@ the router, and stops them all on Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -49,11 +50,28 @@ def service_environment(artifacts: Path, host: str, port: int) -> dict[str, str]
     env["MMEDRAG_ROUTER_RETRIEVER_URL"] = f"http://{host}:{port + 2}"
     env["MMEDRAG_ROUTER_GENERATOR_URL"] = f"http://{host}:{port + 3}/v1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if is_loopback(host):
+        # The embedded default runs open on loopback (and says so); anywhere else keys are required.
+        env.setdefault("MMEDRAG_ROUTER_AUTH_ENABLED", "false")
     # Four processes share a laptop-class CPU: one torch thread each is much faster for small models than
     # torch's default of one thread per core in every process (measured ~40x for the tiny generator).
     for service in ("CLASSIFIER", "RETRIEVER", "GENERATOR"):
         env.setdefault(f"MMEDRAG_{service}_TORCH_THREADS", "1")
     return env
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def auth_notice(env: dict[str, str], host: str) -> str:
+    enabled = env.get("MMEDRAG_ROUTER_AUTH_ENABLED", "true").lower() not in {"false", "0", "no", "off"}
+    if enabled:
+        return "  auth:     API key required (Authorization: Bearer <key>)"
+    return f"  auth:     OFF — open to anyone who can reach {host} (loopback only by default)"
 
 
 def curl_example(artifacts: Path, base_url: str) -> str:
@@ -157,6 +175,7 @@ def run_stack(
         print(f"MMed-RAG Serve is ready at {base_url}", flush=True)
         print(f"  API docs: {base_url}/docs", flush=True)
         print(f"  logs:     {log_dir.resolve()}/<service>.log", flush=True)
+        print(auth_notice(env, host), flush=True)
         print(f"  try:      {curl_example(artifacts, base_url)}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)
         while True:

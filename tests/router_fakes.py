@@ -133,6 +133,8 @@ def _form_fields(request: httpx.Request) -> dict[str, str]:
 
 
 def build_router_app(stack: FakeStack, **overrides: Any) -> Any:
+    """The real router app over the fakes; auth is off unless a test turns it on."""
+    overrides.setdefault("auth_enabled", False)
     settings = RouterSettings(retries=1, **overrides)
     pipeline = RAGPipeline(
         settings,

@@ -52,6 +52,7 @@ def test_up_starts_prints_and_stops_cleanly_on_sigterm(tiny_artifacts: Path, tmp
         printed = _read_until(process, "Press Ctrl-C to stop.", timeout_s=240)
         assert f"ready at http://127.0.0.1:{port}" in printed
         assert f"http://127.0.0.1:{port}/docs" in printed and "curl -s -F image=@" in printed
+        assert "auth:     OFF" in printed  # the embedded default runs open on loopback, and says so
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 4
         assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
@@ -69,3 +70,13 @@ def test_up_starts_prints_and_stops_cleanly_on_sigterm(tiny_artifacts: Path, tmp
 def test_up_without_artifacts_names_the_file_and_the_command(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=r"manifest.json.*mmedrag artifacts tiny"):
         run_stack(tmp_path / "missing", log_dir=tmp_path / "logs")
+
+
+def test_auth_stays_on_off_loopback(tmp_path: Path) -> None:
+    from services.launcher import auth_notice, service_environment
+
+    open_env = service_environment(tmp_path, "127.0.0.1", 9000)
+    exposed_env = service_environment(tmp_path, "0.0.0.0", 9000)
+    assert open_env["MMEDRAG_ROUTER_AUTH_ENABLED"] == "false" and "OFF" in auth_notice(open_env, "127.0.0.1")
+    assert "MMEDRAG_ROUTER_AUTH_ENABLED" not in exposed_env or os.environ.get("MMEDRAG_ROUTER_AUTH_ENABLED")
+    assert "API key required" in auth_notice({}, "0.0.0.0")

@@ -148,7 +148,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return JSONResponse(exc.to_response().model_dump(), status_code=exc.status_code)
+        headers = getattr(exc, "headers", None)  # e.g. Retry-After on 429/503
+        return JSONResponse(exc.to_response().model_dump(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

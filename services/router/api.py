@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from pydantic import BaseModel, Field
 
 from services.common.errors import ErrorResponse, InvalidInput, PayloadTooLarge
+from services.router.auth import require_api_key
 from services.router.protocol import RAGResponse, RetrievalMode
 from services.router.service import RAGPipeline, RAGRequest
 
 router = APIRouter(tags=["rag"])
 DomainName = Literal["radiology", "ophthalmology", "pathology"]
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503, 504)}
 
 
 class ReportForm(BaseModel):
@@ -41,9 +43,17 @@ def get_pipeline(request: Request) -> RAGPipeline:
 
 
 PipelineDep = Annotated[RAGPipeline, Depends(get_pipeline)]
+KeyIdDep = Annotated[str, Depends(require_api_key)]
 
 
-async def _read_upload(image: UploadFile, pipeline: RAGPipeline) -> bytes:
+async def _guarded(request: Request, key_id: str, run: Callable[[], Awaitable[RAGResponse]]) -> RAGResponse:
+    """Per-key rate limit, then a bounded number of requests in flight (429 / 503, never a queue)."""
+    request.app.state.rate_limiter.check(key_id)
+    async with request.app.state.in_flight.slot():
+        return await run()
+
+
+async def read_upload(image: UploadFile, pipeline: RAGPipeline) -> bytes:
     limit = pipeline.settings.max_image_bytes
     data = await image.read(limit + 1)
     if len(data) > limit:
@@ -59,25 +69,25 @@ async def _read_upload(image: UploadFile, pipeline: RAGPipeline) -> bytes:
 async def vqa(
     request: Request,
     pipeline: PipelineDep,
+    key_id: KeyIdDep,
     form: Annotated[VQAForm, Form()],
 ) -> RAGResponse:
     """Closed visual question answering with domain-aware retrieval."""
-    data = await _read_upload(form.image, pipeline)
+    data = await read_upload(form.image, pipeline)
     options = form.model_dump(exclude={"image"})
-    return await pipeline.run(
-        RAGRequest(task="vqa", image=data, request_id=request.state.request_id, **options)
-    )
+    rag = RAGRequest(task="vqa", image=data, request_id=request.state.request_id, **options)
+    return await _guarded(request, key_id, lambda: pipeline.run(rag))
 
 
 @router.post("/report", response_model=RAGResponse, responses=ERRORS, summary="Write a report for an image")
 async def report(
     request: Request,
     pipeline: PipelineDep,
+    key_id: KeyIdDep,
     form: Annotated[ReportForm, Form()],
 ) -> RAGResponse:
     """Report generation with domain-aware retrieval."""
-    data = await _read_upload(form.image, pipeline)
+    data = await read_upload(form.image, pipeline)
     options = form.model_dump(exclude={"image"})
-    return await pipeline.run(
-        RAGRequest(task="report", image=data, request_id=request.state.request_id, **options)
-    )
+    rag = RAGRequest(task="report", image=data, request_id=request.state.request_id, **options)
+    return await _guarded(request, key_id, lambda: pipeline.run(rag))

@@ -13,7 +13,7 @@ from typing import Literal
 import anyio
 
 from services.common.answers import parse_yes_no
-from services.common.errors import InvalidInput, UnprocessableImage
+from services.common.errors import DependencyTimeout, DependencyUnavailable, InvalidInput, UnprocessableImage
 from services.common.images import ImageLimits, decode_image, encode_png, to_data_url
 from services.common.prompts import build_prompt
 from services.router.dependencies import ClassifierClient, GeneratorClient, RetrieverClient
@@ -103,7 +103,7 @@ class RAGPipeline:
         domain = await self._domain(request, png, warnings)
         mark = clock.stage("classify", mark)
 
-        evidence, retrieval = await self._retrieve(request, png, domain.label)
+        evidence, retrieval = await self._retrieve(request, png, domain.label, warnings)
         mark = clock.stage("retrieve", mark)
 
         references = [e.text for e in evidence if e.kept]
@@ -154,19 +154,29 @@ class RAGPipeline:
         return DomainInfo(label=result.label, probabilities=result.probabilities, source="classifier")
 
     async def _retrieve(
-        self, request: RAGRequest, png: bytes, domain: str
+        self, request: RAGRequest, png: bytes, domain: str, warnings: list[str]
     ) -> tuple[list[Evidence], RetrievalInfo]:
         k_max = request.k_max or self.settings.k_max_default
         if request.retrieval == "off":
             return [], RetrievalInfo(mode="off", k_max=0, k=0, gamma=None)
-        body = await self.retriever.retrieve(
-            png,
-            domain=domain,
-            k_max=k_max,
-            strategy=request.retrieval,
-            gamma=request.gamma,
-            request_id=request.request_id,
-        )
+        try:
+            body = await self.retriever.retrieve(
+                png,
+                domain=domain,
+                k_max=k_max,
+                strategy=request.retrieval,
+                gamma=request.gamma,
+                request_id=request.request_id,
+            )
+        except (DependencyUnavailable, DependencyTimeout) as error:
+            if self.settings.retrieval_failure != "degrade":
+                raise DependencyUnavailable(
+                    f"retrieval is unavailable: {error.message}", code="retrieval_unavailable"
+                ) from error
+            warnings.append(
+                f"degraded: retrieval unavailable ({error.message}); answered without retrieved reports"
+            )
+            return [], RetrievalInfo(mode=request.retrieval, k_max=k_max, k=0, gamma=None)
         evidence = [
             Evidence(
                 id=str(c["id"]),

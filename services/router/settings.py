@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -48,3 +49,29 @@ class RouterSettings(ServiceSettings):
     max_question_chars: int = Field(2000, ge=1, description="Longest accepted question.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted upload.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width × height.")
+    auth_enabled: bool = Field(
+        True,
+        description="Require an API key on /vqa, /report and /preview. Turn off only on loopback development "
+        "setups (`mmedrag up` does, and says so).",
+    )
+    api_keys: str | None = Field(
+        None,
+        description="API keys as 'id:sha256hex' pairs, comma-separated (`mmedrag keys create` makes them).",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of 'id:sha256hex' lines (e.g. a mounted Kubernetes Secret)."
+    )
+    max_in_flight: int = Field(
+        32, ge=1, description="Requests processed at once; more are refused with 503 and Retry-After."
+    )
+    rate_limit_per_minute: float = Field(
+        0, ge=0, description="Sustained requests per minute per API key (0 = no limit); over it: 429."
+    )
+    rate_limit_burst: int = Field(
+        10, ge=1, description="Requests a key may send at once before the rate applies."
+    )
+    retrieval_failure: Literal["fail", "degrade"] = Field(
+        "fail",
+        description="When the retriever or Qdrant is down: fail with 503 retrieval_unavailable, or answer "
+        "without retrieval and add a 'degraded' warning.",
+    )

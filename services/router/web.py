@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, FastAPI, File, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from services.common.errors import ErrorResponse, InvalidInput, PayloadTooLarge
+from services.common.errors import ErrorResponse
 from services.common.images import DecodedImage, ImageLimits, decode_image, encode_png
+from services.router.api import read_upload
+from services.router.auth import require_api_key
 
 WEB_DIR = Path(__file__).with_name("web")
 THUMBNAIL_SIDE = 512
@@ -63,6 +65,7 @@ async def index() -> FileResponse:
         **PREVIEW_ERRORS,
     },
     summary="A PNG thumbnail of an uploaded image (DICOM included)",
+    dependencies=[Depends(require_api_key)],
 )
 async def preview(
     request: Request,
@@ -70,12 +73,7 @@ async def preview(
 ) -> Response:
     """Decode the upload with the limits of ``/vqa`` and answer a thumbnail the browser can show."""
     pipeline = request.app.state.pipeline
-    limit = pipeline.settings.max_image_bytes
-    data = await image.read(limit + 1)
-    if len(data) > limit:
-        raise PayloadTooLarge(f"image is larger than {limit} bytes", param="image")
-    if not data:
-        raise InvalidInput("image is an empty file", param="image")
+    data = await read_upload(image, pipeline)
     png, decoded = await anyio.to_thread.run_sync(make_thumbnail, data, pipeline.limits)
     headers = {
         "Cache-Control": "no-store",  # a patient image: never kept by a shared cache
