@@ -19,6 +19,7 @@ from training.calibrate import calibrate_cli
 from training.data.cli import data_app
 from training.evaluate.retrieval import eval_retrieval_cli
 from training.index import index_cli
+from training.pairs.cli import pairs_cli
 
 app = typer.Typer(
     name="mmedrag",
@@ -31,6 +32,7 @@ app.add_typer(data_app, name="data")
 app.command("index")(index_cli)
 app.command("calibrate")(calibrate_cli)
 app.command("status")(status_cli)
+app.command("pairs")(pairs_cli)
 
 eval_app = typer.Typer(help="Evaluation: retrieval quality (more to come).", no_args_is_help=True)
 eval_app.command("retrieval")(eval_retrieval_cli)
