@@ -55,7 +55,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
 from services.common.answers import parse_yes_no
 
@@ -82,7 +81,6 @@ IMAGE_PARTNER: dict[Run, Run] = {
     "noised_ref": "clean_ref",
 }
 
-_SMOOTHING = SmoothingFunction().method7
 T = TypeVar("T")
 
 
@@ -208,7 +206,11 @@ def report_bleu(generation: str, truth: str) -> float:
     hypothesis = bleu_tokens(generation)
     if not hypothesis:
         return 0.0  # NLTK returns 0 too, with a warning
-    return float(sentence_bleu([bleu_tokens(truth)], hypothesis, smoothing_function=_SMOOTHING))
+    # Imported here: nltk takes seconds to import, and every `mmedrag` command would pay for it.
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    smoothing = SmoothingFunction().method7
+    return float(sentence_bleu([bleu_tokens(truth)], hypothesis, smoothing_function=smoothing))
 
 
 def report_scores(answers: RunTexts, truth: str) -> dict[Run, float]:
