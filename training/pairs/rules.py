@@ -55,7 +55,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeVar
 
-
 from services.common.answers import parse_yes_no
 
 Run = Literal["clean", "noised", "clean_ref", "noised_ref"]
