@@ -16,8 +16,11 @@ import typer
 from mmedrag.errors import run_with_clean_errors
 from services.status import status_cli
 from training.calibrate import calibrate_cli
+from training.convert_llava_med import convert_llava_med_cli
 from training.data.cli import data_app
+from training.dpo.cli import dpo_cli
 from training.evaluate.retrieval import eval_retrieval_cli
+from training.export import export_cli
 from training.index import index_cli
 from training.pairs.cli import pairs_cli
 
@@ -33,6 +36,9 @@ app.command("index")(index_cli)
 app.command("calibrate")(calibrate_cli)
 app.command("status")(status_cli)
 app.command("pairs")(pairs_cli)
+app.command("dpo")(dpo_cli)
+app.command("export")(export_cli)
+app.command("convert-llava-med")(convert_llava_med_cli)
 
 eval_app = typer.Typer(help="Evaluation: retrieval quality (more to come).", no_args_is_help=True)
 eval_app.command("retrieval")(eval_retrieval_cli)

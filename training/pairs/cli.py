@@ -9,9 +9,17 @@ from typing import Annotated
 import typer
 
 from services.common.artifacts import GENERATOR_DIR
+from training.dpo.defaults import BASE_DIR
 from training.pairs.noise import DEFAULT_NOISE_SEED, DEFAULT_NOISE_STEP, DIFFUSION_STEPS, NoiseKind
 from training.pairs.rules import DEFAULT_CM_RATIO
 from training.pairs.runner import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_NEW_TOKENS, TASKS
+
+
+def default_base_model(artifacts: Path) -> Path:
+    """The model pairs are built from must be the one DPO trains: ``<artifacts>/base`` (written by SFT),
+    falling back to the served generator folder when no base model exists (tiny artifacts)."""
+    base = artifacts / BASE_DIR
+    return base if base.is_dir() else artifacts / GENERATOR_DIR
 
 
 class TaskChoice(StrEnum):
@@ -37,7 +45,12 @@ def pairs_cli(
         ),
     ] = Path("artifacts"),
     model: Annotated[
-        Path | None, typer.Option("--model", help="Base model folder; default <artifacts>/generator.")
+        Path | None,
+        typer.Option(
+            "--model",
+            help="Base model folder (the one DPO will train); default <artifacts>/base, or "
+            "<artifacts>/generator when there is no base folder.",
+        ),
     ] = None,
     task: Annotated[TaskChoice, typer.Option("--task", help="Which task's items to run.")] = TaskChoice.both,
     domains: Annotated[
@@ -134,7 +147,7 @@ def pairs_cli(
         )
     else:
         generator = InProcessGenerator(
-            model or artifacts / GENERATOR_DIR, batch_size=batch_size, max_new_tokens=max_new_tokens
+            model or default_base_model(artifacts), batch_size=batch_size, max_new_tokens=max_new_tokens
         )
     retriever = (
         HttpRetriever(retriever_url, concurrency=concurrency)
