@@ -16,6 +16,7 @@ import typer
 from mmedrag.errors import run_with_clean_errors
 from services.status import status_cli
 from training.calibrate import calibrate_cli
+from training.classifier import classifier_cli
 from training.convert_llava_med import convert_llava_med_cli
 from training.data.cli import data_app
 from training.dpo.cli import dpo_cli
@@ -23,6 +24,7 @@ from training.evaluate.retrieval import eval_retrieval_cli
 from training.export import export_cli
 from training.index import index_cli
 from training.pairs.cli import pairs_cli
+from training.retriever.cli import retriever_cli
 
 app = typer.Typer(
     name="mmedrag",
@@ -39,6 +41,13 @@ app.command("pairs")(pairs_cli)
 app.command("dpo")(dpo_cli)
 app.command("export")(export_cli)
 app.command("convert-llava-med")(convert_llava_med_cli)
+
+train_app = typer.Typer(
+    help="Train the domain classifier and the per-domain retrievers.", no_args_is_help=True
+)
+train_app.command("classifier")(classifier_cli)
+train_app.command("retriever")(retriever_cli)
+app.add_typer(train_app, name="train")
 
 eval_app = typer.Typer(help="Evaluation: retrieval quality (more to come).", no_args_is_help=True)
 eval_app.command("retrieval")(eval_retrieval_cli)

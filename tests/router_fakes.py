@@ -60,6 +60,7 @@ class FakeStack:
             "label": self.classifier_label,
             "probabilities": probabilities,
             "confidence": self.classifier_confidence,
+            "confident": self.classifier_confidence >= 0.5,
         }
         return httpx.Response(200, json=body)
 

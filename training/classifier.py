@@ -18,7 +18,11 @@ trainer uses *outlier exposure* (Hendrycks et al., ICLR 2019): procedural non-me
 three domains, so the service contract is untouched (labels = domains, probabilities over them,
 confidence = top probability): an out-of-domain image simply gets a flat distribution. A fourth "other"
 class was not used because the service reports every head row as a label; dropping the row after
-training would leave a three-way softmax that again forces a winner.
+training would leave a three-way softmax that again forces a winner. Measured on MedSynth (1,000 per
+domain, default settings otherwise): held-out negatives rejected 100 % with outlier exposure, 93.6 %
+without it (``--negatives 0``), about 22 % with a linear probe on the random tower; with only the
+``shapes``/``noise``/``checkerboard`` kinds in training, unseen ``photo`` and ``text`` images were still
+rejected at 100 % and 98 %.
 
 The threshold is calibrated on validation data: the highest confidence that keeps at least
 ``in_domain_recall`` (99 %) of the in-domain validation images at or above it, which is also the one
@@ -34,7 +38,6 @@ continues from it).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -48,6 +51,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import typer
+from PIL import Image
 from tqdm.auto import tqdm
 
 from training.data.records import DOMAINS, SPLITS
@@ -57,6 +61,7 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 DEFAULT_TOWER = "classifier-small"
+DEFAULT_OUT = Path("artifacts/classifier")
 Mode = Literal["linear-probe", "finetune"]
 MODES: tuple[Mode, ...] = ("linear-probe", "finetune")
 # Negatives of each part are drawn from their own seed: negative_seed(seed, part).
@@ -78,8 +83,9 @@ class ClassifierTrainingConfig:
     Run:
         seed, num_threads, resume, progress.
 
-    Defaults are the measured setting for MedSynth (see ``docs`` of the issue): a fine-tuned
-    ``classifier-small`` tower at 64 px reaches 100 % test accuracy in about a minute on two cores.
+    The defaults are the measured setting: on MedSynth (default difficulty, 1,000 images per domain)
+    a fine-tuned ``classifier-small`` tower at 64 px reaches 100 % test accuracy and rejects 100 % of
+    500 held-out negatives after 4 epochs, in about 2 CPU-minutes.
     """
 
     data: Path | None = field(
@@ -87,7 +93,7 @@ class ClassifierTrainingConfig:
         metadata={"help": "MedSynth folder (findings.jsonl): retriever_train / retriever_val / test splits."},
     )
     out: Path = field(
-        default=Path("artifacts/classifier"),
+        default=DEFAULT_OUT,
         metadata={"help": "Output folder: the classifier artifact (what the service loads) + metrics.json."},
     )
     tower: str = field(
@@ -102,8 +108,8 @@ class ClassifierTrainingConfig:
         default=None,
         metadata={"help": "Input side in pixels (overrides the tower config's vision_cfg.image_size)."},
     )
-    epochs: int = field(default=6, metadata={"help": "Passes over the training images."})
-    batch_size: int = field(default=64, metadata={"help": "Images (domain images + negatives) per step."})
+    epochs: int = field(default=4, metadata={"help": "Passes over the training images."})
+    batch_size: int = field(default=32, metadata={"help": "Images (domain images + negatives) per step."})
     lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the tower (AdamW)."})
     head_lr: float = field(
         default=1e-2,
@@ -209,7 +215,10 @@ class DomainImageSplits:
 
 
 def load_medsynth_splits(data_dir: Path) -> DomainImageSplits:
-    """Train on ``retriever_train``, select and calibrate on ``retriever_val``, report on ``test``."""
+    """Train on ``retriever_train``, select and calibrate on ``retriever_val``, report on ``test``.
+
+    The ``preference`` split stays unseen: it is kept for building preference pairs.
+    """
     from training.data.medsynth.reader import read_findings
 
     data_dir = Path(data_dir)
@@ -218,7 +227,7 @@ def load_medsynth_splits(data_dir: Path) -> DomainImageSplits:
             f"data folder {data_dir} does not exist; make one with `mmedrag data synth --out {data_dir}`"
         )
     items = read_findings(data_dir)
-    parts = {split: [] for split in SPLITS}  # type: dict[str, list[LabelledImage]]
+    parts: dict[str, list[LabelledImage]] = {split: [] for split in SPLITS}
     for item in items:
         parts[item.split].append(LabelledImage(item.path, item.domain))
     return DomainImageSplits(
@@ -231,7 +240,7 @@ def negative_seed(seed: int, part: str) -> int:
     return seed * len(NEGATIVE_PARTS) + NEGATIVE_PARTS.index(part)
 
 
-def _read_image(path: Path):
+def _read_image(path: Path) -> Image.Image:
     """Decode a file exactly as the service decodes an upload (same RGB conversion, same limits)."""
     from services.common.errors import ServiceError
     from services.common.images import decode_image
@@ -316,9 +325,9 @@ def format_metrics_table(metrics: dict[str, Any]) -> str:
         )
     width = max(len(label) for label in labels) + 2
     lines.append("test confusion matrix (rows: true, columns: predicted)")
-    lines.append(" " * width + "".join(f"{label[:12]:>14}" for label in labels))
+    lines.append(" " * width + "".join(f"{label:>{width}}" for label in labels))
     for label, row in zip(labels, metrics["test"]["confusion_matrix"]["matrix"], strict=True):
-        lines.append(f"{label:<{width}}" + "".join(f"{count:>14}" for count in row))
+        lines.append(f"{label:<{width}}" + "".join(f"{count:>{width}}" for count in row))
     by_kind = metrics["test_negatives"]["by_kind"]
     if by_kind:
         lines.append("held-out negatives rejected: " + ", ".join(f"{k} {v:.0%}" for k, v in by_kind.items()))
@@ -343,7 +352,105 @@ class _Inputs:
 
     x: torch.Tensor
     y: torch.Tensor
-    kinds: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # kind of each negative, in order
+
+    @property
+    def in_domain(self) -> torch.Tensor:
+        return self.y >= 0
+
+
+class _DomainClassifier(torch.nn.Module):
+    """Tower + head as one module: ``forward`` gives the logits the service's softmax will see.
+
+    With ``frozen`` the tower is skipped: inputs are then its features, computed once.
+    """
+
+    def __init__(self, model: torch.nn.Module, head: torch.nn.Linear, *, frozen: bool):
+        super().__init__()
+        self.model, self.head, self.frozen = model, head, frozen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = x if self.frozen else self.model.encode_image(x, normalize=True)
+        return self.head(features)
+
+    def features(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        with torch.inference_mode():
+            parts = [
+                self.model.encode_image(x[i : i + batch_size], normalize=True)
+                for i in range(0, len(x), batch_size)
+            ]
+        return torch.cat(parts)
+
+    def probabilities(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.cat(
+                [torch.softmax(self(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+            )
+
+
+def classifier_loss(logits: torch.Tensor, targets: torch.Tensor, ood_weight: float) -> torch.Tensor:
+    """Cross-entropy on domain images (target >= 0) + ``ood_weight`` x outlier exposure on negatives
+    (target -1): the cross-entropy from the uniform distribution, lowest when all domains are equal."""
+    positive = targets >= 0
+    loss = logits.new_zeros(())
+    if positive.any():
+        loss = loss + torch.nn.functional.cross_entropy(logits[positive], targets[positive])
+    if ood_weight > 0 and (~positive).any():
+        loss = loss - ood_weight * torch.log_softmax(logits[~positive], dim=1).mean()
+    return loss
+
+
+def _build_classifier(config: ClassifierTrainingConfig, tower_path: Path) -> tuple[_DomainClassifier, dict]:
+    """The randomly initialised tower and a zero head; the tower config (image size overridden if asked)
+    is written to ``tower_path`` so the saved open_clip config describes exactly the trained model."""
+    from training.artifacts.clip import create_clip_model, get_clip_config
+
+    model_cfg = get_clip_config(config.tower)
+    if config.image_size is not None:
+        model_cfg["vision_cfg"]["image_size"] = config.image_size
+    tower_path.write_text(json.dumps(model_cfg), encoding="utf-8")
+    model = create_clip_model(str(tower_path), seed=config.seed)
+    model.requires_grad_(False)
+    if config.mode == "finetune":
+        model.visual.requires_grad_(True)  # the text tower is never used, never trained
+    head = torch.nn.Linear(int(model_cfg["embed_dim"]), len(DOMAINS))
+    # A zero head starts at the uniform distribution: no domain is favoured before training.
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return _DomainClassifier(model, head, frozen=config.mode == "linear-probe"), model_cfg
+
+
+def _prepare_inputs(
+    config: ClassifierTrainingConfig, splits: DomainImageSplits, classifier: _DomainClassifier
+) -> tuple[dict[str, _Inputs], int]:
+    """Domain images and negatives of each part through the service's preprocessing, once, in memory."""
+    import open_clip.transform
+
+    from training.data.negatives import make_negative_images, negative_kind
+
+    # open_clip's eval transform of this tower: what ClipModel.load builds in the service.
+    visual = classifier.model.visual
+    preprocess = open_clip.transform.image_transform_v2(
+        open_clip.transform.PreprocessCfg(**visual.preprocess_cfg), is_train=False
+    )
+    index = {label: i for i, label in enumerate(DOMAINS)}
+    negative_size = config.negative_size or max(_read_image(splits.train[0].path).size)
+    parts: dict[str, _Inputs] = {}
+    for part in ("train", "val", "test"):
+        items: tuple[LabelledImage, ...] = getattr(splits, part)
+        x = _preprocess_all([item.path for item in items], preprocess, f"{part} images", config.progress)
+        y = torch.tensor([index[item.domain] for item in items])
+        count = config.negatives if part == "train" else config.eval_negatives
+        negatives = make_negative_images(count, negative_seed(config.seed, part), negative_size)
+        if negatives:
+            x = torch.cat([x, _preprocess_all(negatives, preprocess, f"{part} negatives", config.progress)])
+            y = torch.cat([y, torch.full((count,), -1)])
+        parts[part] = _Inputs(x, y, [negative_kind(i) for i in range(count)])
+    if classifier.frozen:
+        # Linear probe: the tower never changes, so its features are computed once.
+        for inputs in parts.values():
+            inputs.x = classifier.features(inputs.x, config.batch_size)
+    return parts, negative_size
 
 
 def _preprocess_all(
@@ -355,7 +462,20 @@ def _preprocess_all(
     return torch.stack(tensors)
 
 
+def _optimizer(config: ClassifierTrainingConfig, classifier: _DomainClassifier) -> torch.optim.AdamW:
+    tower = [p for p in classifier.model.parameters() if p.requires_grad]
+    head = classifier.head
+    groups = [
+        {"params": [p for p in tower if p.ndim >= 2], "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": [p for p in tower if p.ndim < 2], "lr": config.lr, "weight_decay": 0.0},
+        {"params": [head.weight], "lr": config.head_lr, "weight_decay": config.weight_decay},
+        {"params": [head.bias], "lr": config.head_lr, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([group for group in groups if group["params"]])
+
+
 def _schedule(total_steps: int, warmup_fraction: float) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to zero."""
     warmup = int(total_steps * warmup_fraction)
 
     def factor(step: int) -> float:
@@ -371,6 +491,27 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
+
+
+def _validate(
+    classifier: _DomainClassifier, val: _Inputs, config: ClassifierTrainingConfig
+) -> tuple[dict[str, Any], tuple[float, ...]]:
+    """Validation numbers of the current weights and their selection score: accuracy first, then the
+    negatives rejected at the calibrated threshold, then the mean in-domain confidence."""
+    probabilities = classifier.probabilities(val.x, config.batch_size)
+    confidence, predicted = probabilities.max(dim=1)
+    in_domain = val.in_domain
+    threshold = calibrate_threshold(confidence[in_domain], config.in_domain_recall)
+    accuracy = (predicted[in_domain] == val.y[in_domain]).float().mean().item()
+    negatives = confidence[~in_domain]
+    rejection = (negatives < threshold).float().mean().item() if len(negatives) else 0.0
+    record = {
+        "val_accuracy": round(accuracy, 6),
+        "val_threshold": threshold,
+        "val_negative_rejection": round(rejection, 6),
+    }
+    score = (round(accuracy, 6), round(rejection, 6), round(confidence[in_domain].mean().item(), 6))
+    return record, score
 
 
 @contextlib.contextmanager
@@ -402,107 +543,39 @@ def train_classifier(
             raise ValueError("give the data folder (--data DIR) or the splits")
         splits = load_medsynth_splits(config.data)
     splits.check(DOMAINS)
-    with _torch_threads(config.num_threads), tempfile.TemporaryDirectory() as tmp:
+    # The global RNG (dropout, if a tower config enables it) is seeded inside a fork: the caller's
+    # random state is left as it was.
+    with (
+        _torch_threads(config.num_threads),
+        torch.random.fork_rng(devices=[]),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        torch.manual_seed(config.seed)
         return _train(config, splits, Path(tmp))
 
 
-def _train(config: ClassifierTrainingConfig, splits: DomainImageSplits, tmp: Path) -> ClassifierTrainingResult:
-    import open_clip.transform
-
+def _train(
+    config: ClassifierTrainingConfig, splits: DomainImageSplits, tmp: Path
+) -> ClassifierTrainingResult:
     from training.artifacts.classifier import save_classifier
-    from training.artifacts.clip import create_clip_model, get_clip_config
-    from training.data.negatives import make_negative_images, negative_kind
 
     started = time.perf_counter()
-    labels = list(DOMAINS)
-    torch.manual_seed(config.seed)
-
-    # Model: the tower config (image size overridden if asked) goes to a JSON file, so the saved
-    # open_clip config describes exactly the trained model.
-    model_cfg = get_clip_config(config.tower)
-    if config.image_size is not None:
-        model_cfg["vision_cfg"]["image_size"] = config.image_size
     tower_path = tmp / "tower.json"
-    tower_path.write_text(json.dumps(model_cfg), encoding="utf-8")
-    model = create_clip_model(str(tower_path), seed=config.seed)
-    model.requires_grad_(False)
-    embed_dim = int(model_cfg["embed_dim"])
-    head = torch.nn.Linear(embed_dim, len(labels))
-    # A zero head starts at the uniform distribution: no domain is favoured before training.
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    # The service's preprocessing (open_clip's eval transform of this tower), applied once up front.
-    preprocess = open_clip.transform.image_transform_v2(
-        open_clip.transform.PreprocessCfg(**model.visual.preprocess_cfg), is_train=False
-    )
-
-    # Data: domain images and negatives, preprocessed once and kept in memory.
-    index = {label: i for i, label in enumerate(labels)}
-    negative_size = config.negative_size or max(_read_image(splits.train[0].path).size)
-    parts: dict[str, _Inputs] = {}
-    for part in ("train", "val", "test"):
-        items: tuple[LabelledImage, ...] = getattr(splits, part)
-        x = _preprocess_all([item.path for item in items], preprocess, f"{part} images", config.progress)
-        y = torch.tensor([index[item.domain] for item in items])
-        count = config.negatives if part == "train" else config.eval_negatives
-        negatives = make_negative_images(count, negative_seed(config.seed, part), negative_size)
-        if negatives:
-            x = torch.cat([x, _preprocess_all(negatives, preprocess, f"{part} negatives", config.progress)])
-            y = torch.cat([y, torch.full((count,), -1)])
-        parts[part] = _Inputs(x, y, [negative_kind(i) for i in range(count)])
+    classifier, model_cfg = _build_classifier(config, tower_path)
+    parts, negative_size = _prepare_inputs(config, splits, classifier)
     data_seconds = time.perf_counter() - started
 
-    # Linear probe: the tower is frozen, so its features are computed once and the head trains on them.
-    if config.mode == "linear-probe":
-        model.eval()
-        for inputs in parts.values():
-            inputs.x = _features(model, inputs.x, config.batch_size)
-
-        def encode(x: torch.Tensor) -> torch.Tensor:
-            return x
-
-        trainable: list[torch.nn.Parameter] = []
-    else:
-        model.visual.requires_grad_(True)
-
-        def encode(x: torch.Tensor) -> torch.Tensor:
-            return model.encode_image(x, normalize=True)
-
-        trainable = list(model.visual.parameters())
-
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "lr": config.lr, "weight_decay": config.weight_decay},
-            {"params": no_decay, "lr": config.lr, "weight_decay": 0.0},
-            {"params": [head.weight], "lr": config.head_lr, "weight_decay": config.weight_decay},
-            {"params": [head.bias], "lr": config.head_lr, "weight_decay": 0.0},
-        ]
-    )
     train = parts["train"]
+    optimizer = _optimizer(config, classifier)
     steps_per_epoch = math.ceil(len(train.y) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, config.warmup_fraction))
     generator = torch.Generator().manual_seed(config.seed + 1)
-
     state: dict[str, Any] = {"epoch": 0, "history": [], "best": None}
-    checkpoint = config.out / CHECKPOINT_FILE
-    fingerprint = {k: v for k, v in config.to_json().items() if k not in ("resume", "progress", "out")}
-    if config.resume and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        if saved["config"] != fingerprint:
-            raise ValueError(f"{checkpoint} was written by a run with other arguments; drop --resume")
-        model.load_state_dict(saved["model"])
-        head.load_state_dict(saved["head"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        generator.set_state(saved["generator"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = saved["state"]
-        logger.info("resuming from %s after epoch %d", checkpoint, state["epoch"])
+    checkpoint = _Checkpoint(config, classifier, optimizer, scheduler, generator)
+    if config.resume:
+        state = checkpoint.load() or state
 
-    uniform_weight = config.ood_weight
     bar = tqdm(
         total=total_steps,
         initial=state["epoch"] * steps_per_epoch,
@@ -510,101 +583,65 @@ def _train(config: ClassifierTrainingConfig, splits: DomainImageSplits, tmp: Pat
         unit="step",
         disable=not config.progress,
     )
-    for epoch in range(state["epoch"], config.epochs):
-        if config.mode == "finetune":
-            model.visual.train()
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        classifier.train(not classifier.frozen)
         losses = []
         for batch in _batches(len(train.y), config.batch_size, generator):
-            logits = head(encode(train.x[batch]))
-            y = train.y[batch]
-            positive = y >= 0
-            loss = torch.zeros(())
-            if positive.any():
-                loss = loss + torch.nn.functional.cross_entropy(logits[positive], y[positive])
-            if (~positive).any() and uniform_weight > 0:
-                # Outlier exposure: cross-entropy from the uniform distribution over the domains.
-                loss = loss - uniform_weight * torch.log_softmax(logits[~positive], dim=1).mean()
+            loss = classifier_loss(classifier(train.x[batch]), train.y[batch], config.ood_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.4f}")
+            bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
 
-        # Model selection on validation: accuracy first, then negatives rejected at the calibrated
-        # threshold, then the mean in-domain confidence (a sharper model separates better).
-        model.eval()
-        val_probabilities = _probabilities(encode, head, parts["val"].x, config.batch_size)
-        in_domain = parts["val"].y >= 0
-        val_in = val_probabilities[in_domain]
-        threshold = calibrate_threshold(val_in.max(dim=1).values, config.in_domain_recall)
-        accuracy = (val_in.argmax(dim=1) == parts["val"].y[in_domain]).float().mean().item()
-        val_negatives = val_probabilities[~in_domain]
-        rejection = (val_negatives.max(dim=1).values < threshold).float().mean().item() if len(val_negatives) else 0.0
-        score = (round(accuracy, 6), round(rejection, 6), round(val_in.max(dim=1).values.mean().item(), 6))
+        classifier.eval()
+        record, score = _validate(classifier, parts["val"], config)
         record = {
-            "epoch": epoch + 1,
+            "epoch": epoch,
             "loss": round(sum(losses) / len(losses), 6),
             "first_loss": round(losses[0], 6),
             "last_loss": round(losses[-1], 6),
-            "val_accuracy": round(accuracy, 6),
-            "val_threshold": threshold,
-            "val_negative_rejection": round(rejection, 6),
+            **record,
         }
         state["history"].append(record)
         bar.write(
-            f"epoch {epoch + 1}: loss {record['loss']:.4f}, val accuracy {accuracy:.2%}, "
-            f"threshold {threshold:.3f}, val negatives rejected {rejection:.2%}"
+            f"epoch {epoch}: loss {record['loss']:.4f}, val accuracy {record['val_accuracy']:.2%}, "
+            f"threshold {record['val_threshold']:.3f}, "
+            f"val negatives rejected {record['val_negative_rejection']:.2%}"
         )
-        if state["best"] is None or tuple(score) >= tuple(state["best"]["score"]):
-            state["best"] = {
-                "score": list(score),
-                "epoch": epoch + 1,
-                "model": copy.deepcopy(model.visual.state_dict()),
-                "head": copy.deepcopy(head.state_dict()),
-            }
-        state["epoch"] = epoch + 1
-        if epoch + 1 < config.epochs:
-            config.out.mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {
-                    "config": fingerprint,
-                    "model": model.state_dict(),
-                    "head": head.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "state": state,
-                },
-                checkpoint,
-            )
+        # Later epochs win ties: same validation numbers, more training.
+        if state["best"] is None or score >= tuple(state["best"]["score"]):
+            state["best"] = {"score": list(score), "epoch": epoch, "weights": _copy_trainable(classifier)}
+        state["epoch"] = epoch
+        if epoch < config.epochs:
+            checkpoint.save(state)
     bar.close()
     train_seconds = time.perf_counter() - started - data_seconds
 
     # The selected epoch: calibrate on validation, report on test and the held-out negatives.
     best = state["best"]
-    model.visual.load_state_dict(best["model"])
-    head.load_state_dict(best["head"])
-    model.eval()
+    classifier.load_state_dict(best["weights"], strict=False)
+    classifier.eval()
     results: dict[str, Any] = {}
     threshold = 0.0
     for part in ("val", "test"):
-        probabilities = _probabilities(encode, head, parts[part].x, config.batch_size)
-        in_domain = parts[part].y >= 0
+        inputs = parts[part]
+        probabilities = classifier.probabilities(inputs.x, config.batch_size)
+        in_domain = inputs.in_domain
         if part == "val":
             threshold = calibrate_threshold(
                 probabilities[in_domain].max(dim=1).values, config.in_domain_recall
             )
-        results[part] = _part_metrics(probabilities[in_domain], parts[part].y[in_domain], threshold, labels)
-        results[f"{part}_negatives"] = _negative_metrics(
-            probabilities[~in_domain], parts[part].kinds, threshold
-        )
+        results[part] = _part_metrics(probabilities[in_domain], inputs.y[in_domain], threshold, DOMAINS)
+        results[f"{part}_negatives"] = _negative_metrics(probabilities[~in_domain], inputs.kinds, threshold)
 
-    out = save_classifier(config.out, model, head, labels, threshold, config_name=str(tower_path))
+    out = save_classifier(
+        config.out, classifier.model, classifier.head, DOMAINS, threshold, config_name=str(tower_path)
+    )
     metrics = {
-        "labels": labels,
+        "labels": list(DOMAINS),
         "threshold": threshold,
         "in_domain_recall": config.in_domain_recall,
         **results,
@@ -612,8 +649,8 @@ def _train(config: ClassifierTrainingConfig, splits: DomainImageSplits, tmp: Pat
             "mode": config.mode,
             "tower": config.tower,
             "image_size": int(model_cfg["vision_cfg"]["image_size"]),
-            "train_images": int((train.y >= 0).sum().item()),
-            "train_negatives": int((train.y < 0).sum().item()),
+            "train_images": int(train.in_domain.sum().item()),
+            "train_negatives": int((~train.in_domain).sum().item()),
             "negative_size": negative_size,
             "steps": total_steps,
             "best_epoch": best["epoch"],
@@ -626,24 +663,68 @@ def _train(config: ClassifierTrainingConfig, splits: DomainImageSplits, tmp: Pat
         "config": config.to_json(),
     }
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    checkpoint.unlink(missing_ok=True)
+    checkpoint.remove()
     return ClassifierTrainingResult(out=out, metrics=metrics)
 
 
-def _features(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat(
-            [model.encode_image(x[i : i + batch_size], normalize=True) for i in range(0, len(x), batch_size)]
-        )
+def _copy_trainable(classifier: _DomainClassifier) -> dict[str, torch.Tensor]:
+    """The weights training changes (visual tower when fine-tuning, head), copied."""
+    names = ("head.", "model.visual.") if not classifier.frozen else ("head.",)
+    return {k: v.detach().clone() for k, v in classifier.state_dict().items() if k.startswith(names)}
 
 
-def _probabilities(
-    encode: Callable[[torch.Tensor], torch.Tensor], head: torch.nn.Module, x: torch.Tensor, batch_size: int
-) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat(
-            [torch.softmax(head(encode(x[i : i + batch_size])), dim=1) for i in range(0, len(x), batch_size)]
-        )
+class _Checkpoint:
+    """``<out>/checkpoint.pt``: everything needed to continue after the last finished epoch."""
+
+    def __init__(
+        self,
+        config: ClassifierTrainingConfig,
+        classifier: _DomainClassifier,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        generator: torch.Generator,
+    ):
+        self.path = config.out / CHECKPOINT_FILE
+        # A checkpoint continues only the run that wrote it (out, resume, progress may differ).
+        self.fingerprint = {
+            k: v for k, v in config.to_json().items() if k not in ("out", "resume", "progress")
+        }
+        self.classifier, self.optimizer, self.scheduler = classifier, optimizer, scheduler
+        self.generator = generator
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "config": self.fingerprint,
+            "weights": _copy_trainable(self.classifier),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "state": state,
+        }
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.path)  # never a half-written checkpoint
+
+    def load(self) -> dict[str, Any] | None:
+        """Restore the saved run and return its state; None when there is no checkpoint."""
+        if not self.path.is_file():
+            logger.warning("no checkpoint at %s: starting from scratch", self.path)
+            return None
+        saved = torch.load(self.path, map_location="cpu", weights_only=False)
+        if saved["config"] != self.fingerprint:
+            raise ValueError(f"{self.path} was written by a run with other arguments; drop --resume")
+        self.classifier.load_state_dict(saved["weights"], strict=False)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        logger.info("resuming from %s after epoch %d", self.path, saved["state"]["epoch"])
+        return saved["state"]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -661,7 +742,7 @@ def _default(name: str) -> Any:
 
 def classifier_cli(
     data: Annotated[Path, typer.Option("--data", help=_help("data"))],
-    out: Annotated[Path, typer.Option("--out", help=_help("out"))] = _default("out"),
+    out: Annotated[Path, typer.Option("--out", help=_help("out"))] = DEFAULT_OUT,
     tower: Annotated[str, typer.Option("--tower", help=_help("tower"))] = _default("tower"),
     mode: Annotated[str, typer.Option("--mode", help=_help("mode"))] = _default("mode"),
     image_size: Annotated[int | None, typer.Option("--image-size", help=_help("image_size"))] = None,
@@ -678,9 +759,9 @@ def classifier_cli(
         float, typer.Option("--warmup-fraction", help=_help("warmup_fraction"))
     ] = _default("warmup_fraction"),
     negatives: Annotated[int, typer.Option("--negatives", help=_help("negatives"))] = _default("negatives"),
-    eval_negatives: Annotated[
-        int, typer.Option("--eval-negatives", help=_help("eval_negatives"))
-    ] = _default("eval_negatives"),
+    eval_negatives: Annotated[int, typer.Option("--eval-negatives", help=_help("eval_negatives"))] = _default(
+        "eval_negatives"
+    ),
     negative_size: Annotated[int | None, typer.Option("--negative-size", help=_help("negative_size"))] = None,
     ood_weight: Annotated[float, typer.Option("--ood-weight", help=_help("ood_weight"))] = _default(
         "ood_weight"

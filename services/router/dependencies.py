@@ -23,6 +23,7 @@ class Classification:
     label: str
     probabilities: dict[str, float]
     confidence: float
+    confident: bool  # confidence at or above the classifier's calibrated threshold
 
 
 class ClassifierClient:
@@ -38,6 +39,7 @@ class ClassifierClient:
             label=body["label"],
             probabilities=dict(body["probabilities"]),
             confidence=float(body["confidence"]),
+            confident=bool(body["confident"]),
         )
 
 

@@ -143,10 +143,12 @@ class RAGPipeline:
         if request.domain is not None:
             return DomainInfo(label=request.domain, source="client")
         result = await self.classifier.classify(png, request_id=request.request_id)
-        if result.confidence < self.settings.min_domain_confidence:
+        floor = self.settings.min_domain_confidence
+        if (not result.confident) if floor is None else result.confidence < floor:
+            limit = "the calibrated threshold" if floor is None else str(floor)
             message = (
                 f"the image does not look like any known domain (best: {result.label}, confidence "
-                f"{result.confidence:.2f} < {self.settings.min_domain_confidence}); pass 'domain' to override"
+                f"{result.confidence:.2f} < {limit}); pass 'domain' to override"
             )
             if self.settings.low_confidence_action == "refuse":
                 raise UnprocessableImage(message, code="unknown_domain", param="image")

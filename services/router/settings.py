@@ -29,11 +29,12 @@ class RouterSettings(ServiceSettings):
     retriever_timeout_s: float = Field(10.0, gt=0, description="Deadline of one retriever call.")
     generator_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation.")
     retries: int = Field(2, ge=0, le=5, description="Retries of idempotent calls (classify, retrieve).")
-    min_domain_confidence: float = Field(
-        0.5,
+    min_domain_confidence: float | None = Field(
+        None,
         ge=0,
         le=1,
-        description="Classifier confidence under which the image counts as of no known domain.",
+        description="Classifier confidence under which the image counts as of no known domain; unset = the "
+        "threshold calibrated with the classifier (on out-of-domain negatives).",
     )
     low_confidence_action: Literal["warn", "refuse"] = Field(
         "warn", description="What to do under min_domain_confidence: add a warning, or refuse with 422."

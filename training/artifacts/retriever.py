@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from services.common.clip import OPEN_CLIP_CONFIG
+from services.common.artifacts import OPEN_CLIP_CONFIG
 from services.retriever.protocol import RETRIEVER_SIDECAR, RetrieverSidecar
 from training.data.records import DOMAINS
 

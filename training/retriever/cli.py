@@ -38,10 +38,12 @@ def format_summary(metrics: dict[str, Any]) -> str:
     initial = metrics.get("initial_val") or {}
 
     def row(name: str, values: dict[str, Any]) -> str:
-        cells = "  ".join(f"{values.get(f'{d}_r{k}', float('nan')):.3f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+        cells = "  ".join(
+            f"{values.get(f'{d}_r{k}', float('nan')):>6.3f}" for d in ("i2t", "t2i") for k in (1, 5, 10)
+        )
         return f"{name:<18}{cells}"
 
-    header = f"{'validation':<18}" + "  ".join(f"{d}@{k:<3}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+    header = f"{'validation':<18}" + "  ".join(f"{f'{d}@{k}':>6}" for d in ("i2t", "t2i") for k in (1, 5, 10))
     lines = [header]
     if initial:
         lines.append(row("untrained", initial))
@@ -59,7 +61,9 @@ def retriever_cli(
     data: Annotated[Path | None, typer.Option("--data", help=_help("data_dir"))] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help=_help("out") + " Default: <MMEDRAG_ARTIFACTS or artifacts>/retrievers/<domain>."),
+        typer.Option(
+            "--out", help=_help("out") + " Default: <MMEDRAG_ARTIFACTS or artifacts>/retrievers/<domain>."
+        ),
     ] = None,
     train_file: Annotated[Path | None, typer.Option("--train-file", help=_help("train_file"))] = None,
     val_file: Annotated[Path | None, typer.Option("--val-file", help=_help("val_file"))] = None,
@@ -73,7 +77,9 @@ def retriever_cli(
     ] = _default("text_pretrained"),
     image_size: Annotated[int | None, typer.Option("--image-size", help=_help("image_size"))] = None,
     epochs: Annotated[int, typer.Option("--epochs", help=_help("epochs"))] = _default("epochs"),
-    batch_size: Annotated[int, typer.Option("--batch-size", help=_help("batch_size"))] = _default("batch_size"),
+    batch_size: Annotated[int, typer.Option("--batch-size", help=_help("batch_size"))] = _default(
+        "batch_size"
+    ),
     lr: Annotated[float, typer.Option("--lr", help=_help("lr"))] = _default("lr"),
     weight_decay: Annotated[float, typer.Option("--weight-decay", help=_help("weight_decay"))] = _default(
         "weight_decay"
@@ -82,13 +88,23 @@ def retriever_cli(
         float, typer.Option("--warmup-fraction", help=_help("warmup_fraction"))
     ] = _default("warmup_fraction"),
     max_steps: Annotated[int | None, typer.Option("--max-steps", help=_help("max_steps"))] = None,
-    augment: Annotated[bool, typer.Option("--augment/--no-augment", help=_help("augment"))] = _default("augment"),
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help=_help("augment"))] = _default(
+        "augment"
+    ),
+    distinct_text_batches: Annotated[
+        bool,
+        typer.Option(
+            "--distinct-text-batches/--no-distinct-text-batches", help=_help("distinct_text_batches")
+        ),
+    ] = _default("distinct_text_batches"),
     select_metric: Annotated[str, typer.Option("--select-metric", help=_help("select_metric"))] = _default(
         "select_metric"
     ),
     seed: Annotated[int, typer.Option("--seed", help=_help("seed"))] = _default("seed"),
     resume: Annotated[bool, typer.Option("--resume", help=_help("resume"))] = False,
-    keep_checkpoint: Annotated[bool, typer.Option("--keep-checkpoint", help=_help("keep_checkpoint"))] = False,
+    keep_checkpoint: Annotated[
+        bool, typer.Option("--keep-checkpoint", help=_help("keep_checkpoint"))
+    ] = False,
     num_threads: Annotated[int | None, typer.Option("--num-threads", help=_help("num_threads"))] = _default(
         "num_threads"
     ),
@@ -117,6 +133,7 @@ def retriever_cli(
         warmup_fraction=warmup_fraction,
         max_steps=max_steps,
         augment=augment,
+        distinct_text_batches=distinct_text_batches,
         select_metric=select_metric,  # type: ignore[arg-type]  # checked in __post_init__
         seed=seed,
         resume=resume,

@@ -50,6 +50,8 @@ def load_pairs(
 ) -> list[Pair]:
     """Pairs of one release file; every image must exist under ``image_root``.
 
+    A radiology study with several images (IU-Xray: frontal and lateral) gives one pair, its first image.
+
     Args:
         path: the release JSON/JSONL file.
         format_name: its ``training.data.formats`` name (e.g. ``retriever-radiology``).
@@ -87,7 +89,11 @@ def medsynth_pairs(data_dir: Path, domain: str, split: str) -> list[Pair]:
     image_root = folder / "images"
     if split in _RETRIEVER_FILES:
         return load_pairs(
-            folder / _RETRIEVER_FILES[split], retriever_format, image_root, domain=domain, dataset=dataset_name(domain)
+            folder / _RETRIEVER_FILES[split],
+            retriever_format,
+            image_root,
+            domain=domain,
+            dataset=dataset_name(domain),
         )
     text_key = _SUMMARY_KEY if retriever_format == "retriever-harvard" else None
     return load_pairs(
@@ -147,6 +153,35 @@ class PairDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.images[index]), self.tokens[index]
+
+
+def distinct_text_batches(
+    texts: Sequence[str], batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
+    """One epoch's batches (``len(texts) // batch_size`` of them), no text twice in a batch.
+
+    The InfoNCE loss treats every other pair of a batch as a negative, so two images with the same
+    report in one batch would be pushed away from their own text. Items are shuffled, grouped by text
+    (groups in random order) and dealt round-robin to the batches; a text with more images than there are
+    batches gives the surplus (different ones each epoch) a rest, and batches come out that much smaller
+    (the step count stays ``len(texts) // batch_size``). With distinct texts this is a plain shuffle into
+    batches of ``batch_size``.
+
+    Example: 5 images of "normal" and 3 distinct texts, batch 2 → 4 batches, "normal" in each at most
+    once, one "normal" image left out this epoch.
+    """
+    count = len(texts) // batch_size
+    if count < 1:
+        raise ValueError(f"{len(texts)} items do not fill one batch of {batch_size}")
+    groups: dict[str, list[int]] = {}
+    for index in torch.randperm(len(texts), generator=generator).tolist():
+        groups.setdefault(texts[index], []).append(index)
+    order = [index for group in groups.values() for index in group[:count]]
+    # Groups are in first-seen order of the shuffled items: a random order of texts.
+    batches: list[list[int]] = [[] for _ in range(count)]
+    for position, index in enumerate(order[: count * batch_size]):
+        batches[position % count].append(index)
+    return batches
 
 
 def context_limit_share(tokens: torch.Tensor, pad_id: int = 0) -> float:

@@ -10,13 +10,19 @@ degenerate encoder that scores everything alike gets no hits (as in ``training.e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
+import PIL.Image
+
+from training.retriever.data import Pair, load_image
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
 
 
-def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+def recall_at_k(
+    similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int] = RECALL_KS
+) -> dict[str, float]:
     """Share of queries (rows) with at least one positive among their ``k`` most similar gallery items.
 
     Args:
@@ -47,7 +53,10 @@ def recall_at_k(similarity: np.ndarray, positives: np.ndarray, ks: Sequence[int]
 
 
 def paired_recalls(
-    image_embeddings: np.ndarray, text_embeddings: np.ndarray, texts: Sequence[str], ks: Sequence[int] = RECALL_KS
+    image_embeddings: np.ndarray,
+    text_embeddings: np.ndarray,
+    texts: Sequence[str],
+    ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, float]:
     """Recall@k of image i ↔ ``texts[i]`` pairs; ``text_embeddings`` are those of ``distinct_texts(texts)``.
 
@@ -63,7 +72,9 @@ def paired_recalls(
     column = {text: j for j, text in enumerate(gallery)}
     positives = np.zeros((len(texts), len(gallery)), dtype=bool)
     positives[np.arange(len(texts)), [column[text] for text in texts]] = True
-    similarity = np.asarray(image_embeddings, dtype=np.float64) @ np.asarray(text_embeddings, dtype=np.float64).T
+    similarity = (
+        np.asarray(image_embeddings, dtype=np.float64) @ np.asarray(text_embeddings, dtype=np.float64).T
+    )
     i2t = recall_at_k(similarity, positives, ks)
     t2i = recall_at_k(similarity.T, positives.T, ks)
     result = {f"i2t_{name}": value for name, value in i2t.items()}
@@ -77,11 +88,23 @@ def distinct_texts(texts: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(texts))
 
 
-def evaluate_encoder(encoder, pairs, ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
-    """Recall@k of a loaded retriever (``services.common.clip.ClipModel``) on ``training.retriever.data``
-    pairs, encoding the original image files exactly as the service does."""
-    from training.retriever.data import load_image
+class Encoder(Protocol):
+    """What ``evaluate_encoder`` needs of a retriever (``services.common.clip.ClipModel`` is one)."""
 
+    def encode_images(self, images: Sequence[PIL.Image.Image]) -> np.ndarray: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def evaluate_encoder(
+    encoder: Encoder, pairs: Sequence[Pair], ks: Sequence[int] = RECALL_KS
+) -> dict[str, float]:
+    """Recall@k of a loaded retriever on image-text pairs (e.g. ``medsynth_pairs(data, domain, "test")``).
+
+    The original image files are encoded by the retriever's own preprocessing, as the service does.
+    """
     texts = [pair.text for pair in pairs]
     images = [load_image(pair.image) for pair in pairs]
-    return paired_recalls(encoder.encode_images(images), encoder.encode_texts(distinct_texts(texts)), texts, ks)
+    return paired_recalls(
+        encoder.encode_images(images), encoder.encode_texts(distinct_texts(texts)), texts, ks
+    )

@@ -12,11 +12,13 @@ scheduler, epoch) and, when the epoch beats the best so far on ``select_metric``
 of all six recalls; a later epoch must be strictly better), the artifact folder is rewritten with that
 epoch's weights. The folder is always in the format the services load:
 
-    open_clip_config.json + open_clip_model.safetensors   (training.artifacts.clip.save_clip_model)
-    text_tower/                                            (Hugging Face text towers only: config + tokenizer)
-    retriever.json                                         (training.artifacts.retriever.write_retriever_sidecar)
-    metrics.json                                           (per-epoch losses and recalls, best epoch, settings,
-                                                            data checksum)
+    open_clip_config.json, open_clip_model.safetensors   the model (save_clip_model)
+    text_tower/        Hugging Face text towers only: their config and tokenizer files
+    retriever.json     the sidecar (write_retriever_sidecar)
+    metrics.json       per-epoch losses and recalls, best epoch, settings, data checksum
+
+BatchNorm statistics (ResNet image towers) are recomputed over all training images before each
+evaluation ("precise BN"), so the kept model does not depend on the composition of the last batches.
 
 Runs are reproducible: shuffling and augmentation are seeded per epoch from ``seed``, so a run resumed
 from its checkpoint ends with the weights an uninterrupted run would have.
@@ -39,7 +41,15 @@ from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
 from training.retriever.config import PAPER_SETTINGS, RetrieverTrainingConfig, warmup_steps
-from training.retriever.data import Pair, PairDataset, context_limit_share, files_sha256, load_pairs, medsynth_pairs
+from training.retriever.data import (
+    Pair,
+    PairDataset,
+    context_limit_share,
+    distinct_text_batches,
+    files_sha256,
+    load_pairs,
+    medsynth_pairs,
+)
 from training.retriever.metrics import distinct_texts, paired_recalls
 from training.retriever.model import BuiltModel, build_model, load_model_config, portable_model_cfg
 
@@ -50,7 +60,11 @@ METRICS = "metrics.json"
 CHECKPOINT_FORMAT = 1
 MAX_LOGIT_SCALE = math.log(100.0)
 # Settings that may change between an interrupted run and its resumption (they do not change the result).
-_RESUMABLE_CHANGES = frozenset({"resume", "keep_checkpoint", "progress", "num_threads", "eval_batch_size"})
+# Paths may change too: the data's checksum is compared instead.
+_RESUMABLE_CHANGES = frozenset(
+    {"resume", "keep_checkpoint", "progress", "num_threads", "eval_batch_size"}
+    | {"out", "data_dir", "train_file", "val_file", "image_root"}
+)
 _RECALL_KEYS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
 
 
@@ -160,7 +174,9 @@ class RetrieverTrainer:
         train_pairs, val_pairs, data_files = self._pairs()
         data_sha256 = files_sha256(data_files)
         # Model
-        model_cfg = load_model_config(config.model, text_model=config.text_model, image_size=config.image_size)
+        model_cfg = load_model_config(
+            config.model, text_model=config.text_model, image_size=config.image_size
+        )
         built = build_model(model_cfg, seed=config.seed, text_pretrained=config.text_pretrained)
         model = built.model
         image_size = int(model_cfg["vision_cfg"].get("image_size", 224))
@@ -179,11 +195,8 @@ class RetrieverTrainer:
         total_steps = steps_per_epoch * config.epochs
         if config.max_steps is not None:
             total_steps = min(total_steps, config.max_steps)
-        warmup = warmup_steps(total_steps, config.warmup_fraction)
-        optimizer = _adamw(model, config.lr, config.weight_decay)
-        from transformers import get_cosine_schedule_with_warmup
-
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+        optimizer = adamw(model, config.lr, config.weight_decay)
+        scheduler, warmup = build_scheduler(optimizer, total_steps, config.warmup_fraction)
         loss_fn = ClipLoss(cache_labels=True)
 
         out = config.out
@@ -199,6 +212,8 @@ class RetrieverTrainer:
             state = self._restore(out / CHECKPOINT, run_info, model, optimizer, scheduler)
             logger.info("resumed %s from epoch %d (step %d)", config.domain, state.epoch, state.global_step)
         else:
+            if (out / CHECKPOINT).is_file():
+                logger.warning("%s exists: starting afresh (pass --resume to continue it)", out / CHECKPOINT)
             state.initial_val = self._evaluate(model, built, val_set, loss_fn)
         pad_id = getattr(getattr(built.tokenizer, "tokenizer", None), "pad_token_id", None) or 0
         summary = {
@@ -244,8 +259,18 @@ class RetrieverTrainer:
                     break
                 epoch_started = time.perf_counter()
                 losses = self._train_epoch(
-                    model, train_set, loss_fn, optimizer, scheduler, epoch, batch_size, state, total_steps, bar
+                    model,
+                    train_set,
+                    loss_fn,
+                    optimizer,
+                    scheduler,
+                    epoch,
+                    batch_size,
+                    state,
+                    total_steps,
+                    bar,
                 )
+                _precise_batchnorm(model, train_set, built.eval_transform, self.config.eval_batch_size)
                 evaluation = self._evaluate(model, built, val_set, loss_fn)
                 recalls = {key: value for key, value in evaluation.items() if key != "val_loss"}
                 result = EpochResult(
@@ -296,13 +321,18 @@ class RetrieverTrainer:
         config = self.config
         # Shuffling and augmentation depend only on (seed, epoch): resuming reproduces them.
         torch.manual_seed(config.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed * 7919 + epoch))
+        shuffle = torch.Generator().manual_seed(config.seed * 7919 + epoch)
+        if config.distinct_text_batches:
+            batches = distinct_text_batches([pair.text for pair in train_set.pairs], batch_size, shuffle)
+        else:
+            order = torch.randperm(len(train_set), generator=shuffle).tolist()
+            batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(len(order) // batch_size)]
         model.train()
         losses = []
-        for start in range(0, len(order) - batch_size + 1, batch_size):
+        for batch in batches:
             if state.global_step >= total_steps:
                 break
-            items = [train_set[int(i)] for i in order[start : start + batch_size]]
+            items = [train_set[i] for i in batch]
             images = torch.stack([image for image, _ in items])
             tokens = torch.stack([token for _, token in items])
             image_features, text_features, logit_scale = _features(model, images, tokens)
@@ -373,7 +403,9 @@ class RetrieverTrainer:
             },
         )
 
-    def _write_metrics(self, summary: dict, state: _State, *, completed: bool, started: float) -> dict[str, Any]:
+    def _write_metrics(
+        self, summary: dict, state: _State, *, completed: bool, started: float
+    ) -> dict[str, Any]:
         best = next((row for row in state.history if row["epoch"] == state.best_epoch), None)
         metrics = {
             **summary,
@@ -475,7 +507,49 @@ def _features(
     return image_features, text_features, inner.logit_scale.exp()
 
 
-def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+@torch.no_grad()
+def _precise_batchnorm(
+    model: torch.nn.Module, train_set: PairDataset, transform: Callable[..., torch.Tensor], batch_size: int
+) -> None:
+    """Recompute BatchNorm running statistics as plain averages over batches of all training images.
+
+    ResNet towers (open_clip's ModifiedResNet) use BatchNorm; its running statistics would otherwise
+    be a moving average of the last few batches, so the served model would depend on which texts
+    happened to share the final batches (validation recall swung by 0.1 between epochs at a learning
+    rate near zero). Images go through the inference transform, as served.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    was_training = model.training
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the batches below
+    model.train()
+    encode_image = _unwrap(model).encode_image
+    for start in range(0, len(train_set), batch_size):
+        images = train_set.images[start : start + batch_size]
+        encode_image(torch.stack([transform(image) for image in images]))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.train(was_training)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, int]:
+    """Linear warm-up over ``warmup_fraction`` of ``total_steps``, then cosine decay to 0.
+
+    Returns the scheduler (stepped once per optimiser step) and its warm-up step count.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    warmup = warmup_steps(total_steps, warmup_fraction)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps), warmup
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with no decay on biases, norm gains, rank<2 tensors and the logit scale."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():

@@ -209,3 +209,17 @@ async def test_readyz_follows_the_dependencies(stack: FakeStack) -> None:
     assert ready.status_code == 200 and all(ready.json()["dependencies"].values())
     assert degraded.status_code == 503 and degraded.json()["dependencies"]["retriever"] is False
     assert health.status_code == 200
+
+
+async def test_explicit_confidence_floor_overrides_the_calibrated_threshold(stack: FakeStack) -> None:
+    stack.classifier_confidence = 0.7  # the classifier calls this confident (>= its threshold 0.5)
+    async with build_router(stack) as client:
+        calibrated = await client.post(
+            "/vqa", files={"image": ("x.png", make_png(), "image/png")}, data={"question": "Q?"}
+        )
+    async with build_router(stack, min_domain_confidence=0.8) as client:
+        strict = await client.post(
+            "/vqa", files={"image": ("x.png", make_png(), "image/png")}, data={"question": "Q?"}
+        )
+    assert calibrated.json()["warnings"] == []
+    assert "< 0.8" in strict.json()["warnings"][0]
