@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from services.common.artifacts import RETRIEVERS_DIR
-from training.retriever.config import RetrieverTrainingConfig
+from training.retriever.config import SHARED_DOMAIN, RetrieverTrainingConfig
 
 _FIELDS = {item.name: item for item in dataclasses.fields(RetrieverTrainingConfig)}
 
@@ -28,8 +28,10 @@ def _default(name: str) -> Any:
 
 
 def default_out(domain: str) -> Path:
-    """``<MMEDRAG_ARTIFACTS or ./artifacts>/retrievers/<domain>``: where the services look for it."""
-    return Path(os.environ.get("MMEDRAG_ARTIFACTS") or "artifacts") / RETRIEVERS_DIR / domain
+    """``<MMEDRAG_ARTIFACTS or ./artifacts>/retrievers/<domain>``: where the services look for it (the
+    shared ablation retriever goes to ``<artifacts>/shared-retriever``, where no service looks)."""
+    root = Path(os.environ.get("MMEDRAG_ARTIFACTS") or "artifacts")
+    return root / "shared-retriever" if domain == SHARED_DOMAIN else root / RETRIEVERS_DIR / domain
 
 
 def format_summary(metrics: dict[str, Any]) -> str:

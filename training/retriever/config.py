@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 from training.data.records import DOMAINS
 
+# ``--domain all``: one retriever trained on every domain mixed, for the "+DR" ablation only (not served).
+SHARED_DOMAIN = "all"
+
 SelectMetric = Literal["mean_r5", "mean_r1", "mean_r10", "i2t_r5", "t2i_r5", "loss"]
 SELECT_METRICS: tuple[str, ...] = ("mean_r5", "mean_r1", "mean_r10", "i2t_r5", "t2i_r5", "loss")
 
@@ -50,7 +53,12 @@ class RetrieverTrainingConfig:
     """
 
     # ---------------------------------------------------------------------------------------- data
-    domain: str = field(metadata={"help": f"Domain of the retriever: one of {', '.join(DOMAINS)}."})
+    domain: str = field(
+        metadata={
+            "help": f"Domain of the retriever: one of {', '.join(DOMAINS)}; or '{SHARED_DOMAIN}': one shared "
+            "retriever trained on every domain mixed (the ablation baseline of domain-aware retrieval)."
+        }
+    )
     out: Path = field(
         metadata={"help": "Artifact folder to write (e.g. artifacts/retrievers/<domain>); created."}
     )
@@ -197,8 +205,12 @@ class RetrieverTrainingConfig:
     k_max_default: int = field(default=10, metadata={"help": "retriever.json k_max_default (paper: 6-10)."})
 
     def __post_init__(self) -> None:
-        if self.domain not in DOMAINS:
-            raise ValueError(f"domain must be one of {', '.join(DOMAINS)}, got {self.domain!r}")
+        if self.domain not in (*DOMAINS, SHARED_DOMAIN):
+            raise ValueError(
+                f"domain must be one of {', '.join(DOMAINS)} or '{SHARED_DOMAIN}', got {self.domain!r}"
+            )
+        if self.domain == SHARED_DOMAIN and self.data_dir is None:
+            raise ValueError(f"--domain {SHARED_DOMAIN} (one retriever for every domain) needs --data")
         self.out = Path(self.out)
         for name in ("data_dir", "train_file", "val_file", "image_root"):
             value = getattr(self, name)

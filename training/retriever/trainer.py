@@ -40,7 +40,8 @@ import torch
 from open_clip.loss import ClipLoss
 from tqdm.auto import tqdm
 
-from training.retriever.config import PAPER_SETTINGS, RetrieverTrainingConfig, warmup_steps
+from training.data.records import DOMAINS
+from training.retriever.config import PAPER_SETTINGS, SHARED_DOMAIN, RetrieverTrainingConfig, warmup_steps
 from training.retriever.data import (
     Pair,
     PairDataset,
@@ -141,10 +142,16 @@ class RetrieverTrainer:
         if config.data_dir is not None:
             from training.data.medsynth.release import RETRIEVER_SPLITS
 
-            folder = config.data_dir / config.domain
-            files = [folder / RETRIEVER_SPLITS["retriever_train"], folder / RETRIEVER_SPLITS["retriever_val"]]
-            train = medsynth_pairs(config.data_dir, config.domain, "retriever_train")
-            val = medsynth_pairs(config.data_dir, config.domain, "retriever_val")
+            domains = DOMAINS if config.domain == SHARED_DOMAIN else (config.domain,)
+            files, train, val = [], [], []
+            for domain in domains:
+                folder = config.data_dir / domain
+                files += [
+                    folder / RETRIEVER_SPLITS["retriever_train"],
+                    folder / RETRIEVER_SPLITS["retriever_val"],
+                ]
+                train += medsynth_pairs(config.data_dir, domain, "retriever_train")
+                val += medsynth_pairs(config.data_dir, domain, "retriever_val")
             return train, val, files
         assert config.train_file and config.val_file and config.data_format and config.image_root
         kwargs = {"domain": config.domain, "dataset": config.dataset}
@@ -389,6 +396,9 @@ class RetrieverTrainer:
         config = self.config
         portable = portable_model_cfg(built.model_cfg, config.out)
         save_clip_model(config.out, _unwrap(model), portable, preprocess_cfg=built.preprocess_cfg)
+        if config.domain == SHARED_DOMAIN:
+            # The shared retriever is an evaluation baseline: no retriever.json, so no service loads it.
+            return
         write_retriever_sidecar(
             config.out,
             config.domain,
