@@ -25,6 +25,7 @@ from training.export import export_cli
 from training.index import index_cli
 from training.pairs.cli import pairs_cli
 from training.retriever.cli import retriever_cli
+from training.sft import sft_cli
 
 app = typer.Typer(
     name="mmedrag",
@@ -37,6 +38,7 @@ app.add_typer(data_app, name="data")
 app.command("index")(index_cli)
 app.command("calibrate")(calibrate_cli)
 app.command("status")(status_cli)
+app.command("sft")(sft_cli)
 app.command("pairs")(pairs_cli)
 app.command("dpo")(dpo_cli)
 app.command("export")(export_cli)

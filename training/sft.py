@@ -107,13 +107,23 @@ class SFTConfig:
         default=64, metadata=_help("Report answers are cut after the last whole sentence within this.")
     )
     limit: int | None = field(default=None, metadata=_help("Items per domain and task (None: all)."))
+    vision_aux_weight: float = field(
+        default=0.0,
+        metadata=_help(
+            "Weight of the auxiliary finding loss on the vision tower (a linear probe predicting the "
+            "training image's findings, discarded after training); stands in for the pretrained CLIP "
+            "LLaVA starts from. 0 (default) turns it off."
+        ),
+    )
     # optimisation
     epochs: int = field(default=4, metadata=_help("Passes over the training items."))
     max_steps: int | None = field(default=None, metadata=_help("Stop after this many steps (overrides)."))
     batch_size: int = field(default=16, metadata=_help("Examples per optimizer step."))
     learning_rate: float = field(default=2e-3, metadata=_help("Peak AdamW learning rate."))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay."))
-    warmup_ratio: float = field(default=0.05, metadata=_help("Linear warm-up share of the steps; cosine after."))
+    warmup_ratio: float = field(
+        default=0.05, metadata=_help("Linear warm-up share of the steps; cosine after.")
+    )
     max_grad_norm: float = field(default=1.0, metadata=_help("Gradient clipping norm."))
     log_every: int = field(default=10, metadata=_help("Steps per loss-curve point."))
     seed: int = field(default=0, metadata=_help("Seed of weights, data order and reference draws."))
@@ -252,9 +262,7 @@ def load_train_data(
                 answer = (
                     vqa_answer(item.truth) if task == "vqa" else truncate_report(item.truth, max_report_words)
                 )
-                items.append(
-                    TrainItem(item.id, domain, task, item.image, item.path, item.question, answer)
-                )
+                items.append(TrainItem(item.id, domain, task, item.image, item.path, item.question, answer))
     if not items:
         raise ValueError(f"{data}: no {TRAIN_SPLIT} items for {', '.join(domains)}")
     return items, corpus, own_text
@@ -319,7 +327,9 @@ def expand_image_tokens(text: str, num_image_tokens: int) -> str:
     return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * num_image_tokens)
 
 
-def training_text(task: Task, domain: str, references: Sequence[str], question: str | None, answer: str) -> str:
+def training_text(
+    task: Task, domain: str, references: Sequence[str], question: str | None, answer: str
+) -> str:
     """The exact text of one training example (what the served chat template renders, plus the answer)."""
     return render_conversation(build_prompt(task, domain, references, question), answer)
 
@@ -452,6 +462,18 @@ def answer_loss(model: Any, batch: Mapping[str, Any]) -> Any:
     return (per_example / mask.sum(dim=1).clamp(min=1)).mean()
 
 
+def vision_finding_loss(model: Any, probe: Any, batch: Mapping[str, Any], labels: Any) -> Any:
+    """Binary cross-entropy of a linear probe on the mean patch feature the projector reads (the
+    ``vision_feature_layer`` hidden state), against the images' findings: gives the randomly initialised
+    vision tower the discriminative features a pretrained CLIP would bring."""
+    import torch.nn.functional as F
+
+    config = model.config
+    states = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+    features = states[config.vision_feature_layer][:, 1:].mean(dim=1)  # CLS dropped, as "default" does
+    return F.binary_cross_entropy_with_logits(probe(features), labels)
+
+
 def collate(examples: Sequence[tuple[list[int], list[int], Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded ids, labels, attention mask and stacked pixel values."""
     import torch
@@ -527,7 +549,9 @@ def epoch_examples(
     return out
 
 
-def length_batches(examples: Sequence[Any], size: int, rng: random.Random, window: int = 8) -> list[list[Any]]:
+def length_batches(
+    examples: Sequence[Any], size: int, rng: random.Random, window: int = 8
+) -> list[list[Any]]:
     """Batches of similar lengths (less padding): the shuffled examples are sorted by length within
     windows of ``window`` batches, cut into batches, and the batches shuffled."""
     batches: list[list[Any]] = []
@@ -581,6 +605,13 @@ def train_sft(config: SFTConfig) -> SFTResult:
 
     torch.manual_seed(config.seed)
     model = LlavaForConditionalGeneration(model_config)
+    finding_names = sorted({name for entries in corpus.values() for e in entries for name in e.findings})
+    probe = torch.nn.Linear(config.vision_hidden_size, max(1, len(finding_names)))
+    targets = {
+        (domain, e.image): torch.tensor([float(n in e.findings) for n in finding_names] or [0.0])
+        for domain, entries in corpus.items()
+        for e in entries
+    }
     model.train()
 
     # Each training image once, preprocessed as the processor does at serving time.
@@ -591,16 +622,19 @@ def train_sft(config: SFTConfig) -> SFTResult:
         range(0, len(keys), 64), desc="images", unit="batch", disable=not config.progress, leave=False
     ):
         chunk = keys[start : start + 64]
-        values = processor.image_processor(
-            [load_image(paths[key]) for key in chunk], return_tensors="pt"
-        )["pixel_values"]
+        values = processor.image_processor([load_image(paths[key]) for key in chunk], return_tensors="pt")[
+            "pixel_values"
+        ]
         pixels.update(zip(chunk, values, strict=True))
 
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = config.max_steps or steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total))
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
+        [*model.parameters(), *probe.parameters()],
+        lr=config.learning_rate,
+        weight_decay=config.weight_decay,
+        fused=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total, warmup))
 
@@ -620,6 +654,9 @@ def train_sft(config: SFTConfig) -> SFTResult:
                 [(ids, labels, pixels[key]) for ids, labels, key in chunk], tokenizer.pad_token_id
             )
             loss = answer_loss(model, batch)
+            if config.vision_aux_weight > 0:
+                labels = torch.stack([targets[key] for _, _, key in chunk])
+                loss = loss + config.vision_aux_weight * vision_finding_loss(model, probe, batch, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -630,7 +667,9 @@ def train_sft(config: SFTConfig) -> SFTResult:
             losses.append(value)
             window.append(value)
             if step % config.log_every == 0 or step == total:
-                curve.append({"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]})
+                curve.append(
+                    {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0]}
+                )
                 window = []
             bar.set_postfix(epoch=epoch, loss=f"{value:.3f}")
             bar.update(1)
@@ -745,12 +784,8 @@ def evaluate_base(
         "retrievers": {d: retriever.name(d) for d in domains},
         "noise": NoiseKind.diffusion.value,
         "all": summary(range(len(items))),
-        "per_domain": {
-            d: summary([i for i, item in enumerate(items) if item.domain == d]) for d in domains
-        },
-        "yes_share": sum(
-            a.clean.strip().lower().startswith("yes") for a in answers
-        ) / max(1, len(answers)),
+        "per_domain": {d: summary([i for i, item in enumerate(items) if item.domain == d]) for d in domains},
+        "yes_share": sum(a.clean.strip().lower().startswith("yes") for a in answers) / max(1, len(answers)),
         "reference_agreement": _reference_agreement(items, references, data),
         "note": "accuracy.clean = no retrieval; accuracy.clean_ref = top-1 retrieved report; "
         "copy_reference = share right with the noise image + reference; over_reliance = share of "
@@ -777,7 +812,8 @@ def _reference_agreement(
                 text_findings.setdefault((domain, normalise_text(report.text)), by_id[(domain, report.id)])
     keys = {(item.domain, item.image) for item in items}
     agree = [
-        text_findings.get((d, references[(d, image)])) == by_image.get((d, _image_key(image))) for d, image in keys
+        text_findings.get((d, references[(d, image)])) == by_image.get((d, _image_key(image)))
+        for d, image in keys
     ]
     return sum(agree) / len(agree) if agree else None
 

@@ -1,4 +1,4 @@
-"""``mmedrag sft``: training text = serving text, answer-only loss, learning, the folder serves, data hygiene."""
+"""``mmedrag sft``: training text = serving text, answer-only loss, learning, serving, data hygiene."""
 
 from __future__ import annotations
 
@@ -86,7 +86,9 @@ def test_training_text_is_the_served_conversation_and_only_the_answer_is_labelle
         assert answer_ids[-1] == tokenizer.eos_token_id
         # The unlabelled part is exactly the generation prompt the services send.
         messages = build_chat_messages(prompt, "data:image/png;base64,AAAA")
-        generation_prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        generation_prompt = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
         context = processor(text=[generation_prompt], images=[image], return_tensors="pt")["input_ids"][0]
         assert ids[:first] == context.tolist()
 
@@ -123,7 +125,9 @@ def test_only_retriever_train_items_are_used(medsynth: Path, trained: tuple[SFTC
 def test_reference_sampling_respects_the_agreement_rate() -> None:
     corpus = {
         "radiology": [
-            CorpusEntry(f"img{i}.png", frozenset({"effusion"} if i % 3 == 0 else {"nodule"} if i % 3 else ()), f"r{i}")
+            CorpusEntry(
+                f"img{i}.png", frozenset({"effusion"} if i % 3 == 0 else {"nodule"} if i % 3 else ()), f"r{i}"
+            )
             for i in range(30)
         ]
     }
@@ -161,8 +165,9 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(trained: tuple[SFTCon
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5
     torch.manual_seed(config.seed)
     initial = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(config.out)).state_dict()
-    saved = load_file(str(config.out / "model.safetensors"))
-    changed = [name for name, value in saved.items() if name in initial and not torch.equal(value, initial[name])]
+    saved = LlavaForConditionalGeneration.from_pretrained(config.out, local_files_only=True).state_dict()
+    assert saved.keys() == initial.keys()
+    changed = [name for name, value in saved.items() if not torch.equal(value, initial[name])]
     assert any("language_model" in name for name in changed)
     assert any("vision_tower" in name for name in changed)
     assert any("multi_modal_projector" in name for name in changed)
@@ -173,7 +178,9 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(trained: tuple[SFTCon
 def test_training_is_deterministic_for_a_seed(medsynth: Path, tmp_path: Path) -> None:
     weights = []
     for name in ("a", "b"):
-        config = SFTConfig(data=medsynth, out=tmp_path / name, max_steps=3, limit=4, **TINY)
+        config = SFTConfig(
+            data=medsynth, out=tmp_path / name, max_steps=3, limit=4, vision_aux_weight=1.0, **TINY
+        )
         train_sft(config)
         weights.append(load_file(str(config.out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
@@ -204,3 +211,26 @@ def test_every_setting_is_documented() -> None:
     assert all(text for text in config_help().values())
     with pytest.raises(ValueError):
         SFTConfig(data=Path("."), out=Path("."), agreement_rate=1.5)
+
+
+def test_the_folder_loads_for_pairs_and_the_command_mounts(
+    trained: tuple[SFTConfig, dict], medsynth: Path
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from training.pairs.runner import GenerationRequest, InProcessGenerator, load_items
+    from training.sft import sft_cli
+
+    config, _ = trained
+    item = load_items(medsynth, "radiology", "vqa", split="test", limit=1)[0]
+    generator = InProcessGenerator(config.out, max_new_tokens=4, threads=1)
+    answers = generator.generate(
+        [GenerationRequest(item.path, item.prompt()), GenerationRequest(item.path, item.prompt(["Normal."]))]
+    )
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    app = typer.Typer()
+    app.command("sft")(sft_cli)
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["sft", "--help"])
+    assert result.exit_code == 0 and "--agreement-rate" in result.output
