@@ -65,6 +65,7 @@ async def index() -> FileResponse:
         **PREVIEW_ERRORS,
     },
     summary="A PNG thumbnail of an uploaded image (DICOM included)",
+    operation_id="router-preview",
     dependencies=[Depends(require_api_key)],
 )
 async def preview(
