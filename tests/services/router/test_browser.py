@@ -24,7 +24,6 @@ from ports import HOST, free_base_port
 from router_fakes import CORPUS, FakeStack, build_router_app
 
 from services.common.prompts import build_report_prompt
-from services.router.web import attach_web
 from training.data.medsynth.draw import DrawStyle, FindingInstance, draw_image
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -53,8 +52,7 @@ def stack() -> FakeStack:
 @pytest.fixture(scope="module")
 def base_url(stack: FakeStack) -> Iterator[str]:
     """The router with the page attached, served by uvicorn in a thread on a free loopback port."""
-    app = build_router_app(stack)
-    attach_web(app)
+    app = build_router_app(stack)  # build_app attaches the page
     port = free_base_port()
     server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

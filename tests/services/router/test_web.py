@@ -15,13 +15,12 @@ from PIL import Image
 from router_fakes import FakeStack, build_router_app
 
 from services.common.images import decode_image
-from services.router.web import THUMBNAIL_SIDE, WEB_DIR, attach_web, make_thumbnail
+from services.router.web import THUMBNAIL_SIDE, WEB_DIR, make_thumbnail
 
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    app = build_router_app(FakeStack(), max_image_bytes=200_000)
-    attach_web(app)
+    app = build_router_app(FakeStack(), max_image_bytes=200_000)  # build_app attaches the page
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
         yield c
 
