@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -60,7 +61,7 @@ class CnnProbeConfig:
     lr: float = 1e-2  # peak of the one-cycle schedule (AdamW)
     weight_decay: float = 1e-4
     shift: int | None = None  # max random translation in pixels; None = pixels // 32
-    threads: int | None = None  # torch CPU threads; None = the CPUs this process may use
+    threads: int | None = None  # domains trained at once, one CPU each; None = the CPUs we may use
 
     def __post_init__(self) -> None:
         for name in ("pixels", "epochs", "width", "batch_size"):
@@ -360,8 +361,8 @@ def _linear_inputs(feats: np.ndarray, n_train: int, n_hist: int) -> tuple[np.nda
 
 
 def _cpu_threads(config: CnnProbeConfig) -> int:
-    """Threads for the CNN: as configured, else the CPUs this process may run on (never more than torch's
-    own default, which honours OMP_NUM_THREADS)."""
+    """CPUs for the CNN probe: as configured, else the CPUs this process may run on (never more than
+    torch's own default, which honours OMP_NUM_THREADS)."""
     import torch
 
     if config.threads is not None:
@@ -416,65 +417,117 @@ def _shifted(batch: torch.Tensor, max_shift: int, generator: torch.Generator) ->
     return torch.stack(crops)
 
 
-def _cnn_predict(
-    images: np.ndarray,
-    y_train: np.ndarray,
-    n_train: int,
+@dataclass
+class _CnnJob:
+    """One domain's CNN probe: uint8 ``(n, p, p, c)`` images, training images first, and their labels."""
+
+    domain: str
+    images: np.ndarray
+    y_train: np.ndarray  # (n_train, k) 0/1, one column per evaluable finding
+    n_train: int
+
+
+def _train_cnns(
+    jobs: list[_CnnJob], *, config: CnnProbeConfig, seed: int, progress: bool
+) -> list[np.ndarray]:
+    """Train every domain's CNN and return its sigmoid scores ``(n - n_train, k)`` on the held-out images.
+
+    The domains train side by side, one per CPU (``config.threads``), each on a single intra-op thread:
+    these networks are too small for torch to split one step across cores efficiently, and split steps
+    slowed to a crawl whenever another process wanted a core. Each network is built in this thread from
+    ``seed`` and trains on its own generator, so the numbers do not depend on the number of CPUs. The
+    caller's torch RNG state and thread count are left as they were.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    workers = min(_cpu_threads(config), len(jobs))  # before the thread count is lowered below
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        models = []
+        with torch.random.fork_rng(devices=[]):
+            for job in jobs:
+                torch.manual_seed(seed)
+                models.append(_build_cnn(job.images.shape[-1], job.y_train.shape[1], config.width))
+        names = ", ".join(job.domain for job in jobs)
+        lock = threading.Lock()
+        with tqdm(
+            total=config.epochs * len(jobs),
+            desc=f"training CNNs ({names})",
+            unit="epoch",
+            disable=not progress,
+        ) as bar:
+
+            def epoch_done() -> None:
+                with lock:
+                    bar.update(1)
+
+            def run(job: _CnnJob, model: torch.nn.ModuleDict) -> np.ndarray:
+                torch.set_num_threads(1)  # OpenMP's thread count is per calling thread
+                return _fit_and_score(job, model, config=config, seed=seed, epoch_done=epoch_done)
+
+            if workers == 1:
+                return [run(job, model) for job, model in zip(jobs, models, strict=True)]
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnn-probe") as pool:
+                return list(pool.map(run, jobs, models))
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit_and_score(
+    job: _CnnJob,
+    model: torch.nn.ModuleDict,
     *,
     config: CnnProbeConfig,
     seed: int,
-    desc: str,
-    progress: bool,
+    epoch_done: Callable[[], None],
 ) -> np.ndarray:
-    """Train the domain's CNN on the first ``n_train`` images (labels ``y_train``, ``(n_train, k)``) and
-    return sigmoid scores ``(n - n_train, k)`` for the rest. Deterministic for a given seed and thread
-    count; the caller's torch RNG state and thread count are left as they were."""
+    """Train ``model`` on the job's training images (BCE with per-finding pos_weight, AdamW, one-cycle
+    learning rate, random shifts) and score its held-out images."""
     import torch
     import torch.nn.functional as F
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(_cpu_threads(config))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-            mean = x[:n_train].mean(dim=(0, 2, 3), keepdim=True)
-            std = x[:n_train].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            x_train, x_test = x[:n_train], x[n_train:]
-            y = torch.from_numpy(y_train.astype(np.float32))
-            positives = y.sum(dim=0)
-            pos_weight = (n_train - positives) / positives.clamp_min(1.0)
+    n_train = job.n_train
+    x = torch.from_numpy(job.images).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = x[:n_train].mean(dim=(0, 2, 3), keepdim=True)
+    std = x[:n_train].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-3)
+    x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    x_train, x_test = x[:n_train], x[n_train:]
+    y = torch.from_numpy(job.y_train.astype(np.float32))
+    positives = y.sum(dim=0)
+    pos_weight = (n_train - positives) / positives.clamp_min(1.0)
 
-            model = _build_cnn(x.shape[1], y.shape[1], config.width).to(memory_format=torch.channels_last)
-            optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-            steps_per_epoch = -(-n_train // config.batch_size)
-            schedule = torch.optim.lr_scheduler.OneCycleLR(
-                optimiser, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
+    model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = -(-n_train // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
+    )
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(config.epochs):
+        order = torch.randperm(n_train, generator=generator)
+        for start in range(0, n_train, config.batch_size):
+            idx = order[start : start + config.batch_size]
+            if len(idx) < 2:  # batch norm cannot train on a lone image once the map is 1x1
+                continue
+            batch = _shifted(x_train[idx], config.max_shift, generator)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            loss = F.binary_cross_entropy_with_logits(
+                _cnn_logits(model, batch), y[idx], pos_weight=pos_weight
             )
-            generator = torch.Generator().manual_seed(seed)
-            model.train()
-            for _ in tqdm(range(config.epochs), desc=desc, unit="epoch", disable=not progress):
-                order = torch.randperm(n_train, generator=generator)
-                for start in range(0, n_train, config.batch_size):
-                    idx = order[start : start + config.batch_size]
-                    if len(idx) < 2:  # batch norm cannot train on a lone image once the map is 1x1
-                        continue
-                    batch = _shifted(x_train[idx], config.max_shift, generator)
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                    loss = F.binary_cross_entropy_with_logits(
-                        _cnn_logits(model, batch), y[idx], pos_weight=pos_weight
-                    )
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimiser.step()
-                    schedule.step()
-            model.eval()
-            with torch.inference_mode():
-                scores = [torch.sigmoid(_cnn_logits(model, part)) for part in x_test.split(256)]
-            return torch.cat(scores).numpy().astype(np.float64)
-    finally:
-        torch.set_num_threads(previous_threads)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+        epoch_done()
+    model.eval()
+    with torch.inference_mode():
+        scores = [torch.sigmoid(_cnn_logits(model, part)) for part in x_test.split(256)]
+    return torch.cat(scores).numpy().astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -534,10 +587,12 @@ def check_learnability(
         settings["cnn"] = {
             **asdict(cnn),
             "max_shift": cnn.max_shift,
-            "threads_used": _cpu_threads(cnn),  # results can differ in the last digits between counts
+            "parallel_domains": _cpu_threads(cnn),  # one intra-op thread each: results do not depend on it
             "decision_threshold": 0.5,
         }
     rows: list[LearnabilityRow] = []
+    # Each domain's CNN job with its pending findings; all domains train together once loaded.
+    cnn_jobs: list[tuple[_CnnJob, list[tuple[LearnabilityRow, np.ndarray, np.ndarray, np.ndarray]]]] = []
     for domain, spec in catalogue.items():
         dom_items = [it for it in items if it.domain == domain]
         train = [it for it in dom_items if it.split in TRAIN_SPLITS]
@@ -592,15 +647,11 @@ def check_learnability(
                         x_train, y_train, x_test, y_test, subtle_test, C=C, max_iter=max_iter, seed=seed
                     )
         if images is not None:
-            scores = _cnn_predict(
-                images,
-                np.stack([y_train for _, y_train, _, _ in pending], axis=1),
-                len(train),
-                config=cnn,
-                seed=seed,
-                desc=f"{domain}: training CNN",
-                progress=progress,
-            )
+            y_train_all = np.stack([y_train for _, y_train, _, _ in pending], axis=1)
+            cnn_jobs.append((_CnnJob(domain, images, y_train_all, len(train)), pending))
+    if cnn_jobs:
+        all_scores = _train_cnns([job for job, _ in cnn_jobs], config=cnn, seed=seed, progress=progress)
+        for (_, pending), scores in zip(cnn_jobs, all_scores, strict=True):
             for k, (row, _, y_test, subtle_test) in enumerate(pending):
                 row.cnn = _scores(y_test, (scores[:, k] >= 0.5).astype(int), scores[:, k], subtle_test)
     return LearnabilityReport(rows=rows, settings=settings)

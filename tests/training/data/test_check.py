@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -234,7 +235,7 @@ def test_progress_bar_only_when_asked(make_fake_medsynth, capsys) -> None:
     assert "loading images" not in capsys.readouterr().err
     check_learnability(data_dir, cnn=TINY_CNN, progress=True, pixels=8)
     err = capsys.readouterr().err
-    assert "ophthalmology: loading images" in err and "ophthalmology: training CNN" in err
+    assert "ophthalmology: loading images" in err and "training CNNs (ophthalmology)" in err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,6 +269,10 @@ def test_invisible_finding_stays_weak_for_the_cnn(
 def test_cnn_report_is_deterministic(fake_medsynth_dir: Path, cnn_report: LearnabilityReport) -> None:
     again = check_learnability(fake_medsynth_dir, probe="cnn", cnn=TINY_CNN, progress=False)
     assert again.to_dict() == cnn_report.to_dict()
+    # Domains train side by side on one thread each, so the CPU count does not change a digit.
+    two_cpus = replace(TINY_CNN, threads=2)
+    in_parallel = check_learnability(fake_medsynth_dir, probe="cnn", cnn=two_cpus, progress=False)
+    assert in_parallel.to_dict()["rows"] == cnn_report.to_dict()["rows"]
     other_seed = check_learnability(fake_medsynth_dir, probe="cnn", cnn=TINY_CNN, seed=1, progress=False)
     assert other_seed.to_dict()["rows"] != cnn_report.to_dict()["rows"]
 
