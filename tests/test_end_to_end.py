@@ -16,24 +16,13 @@ from mmedrag_client import MMedRAGClient
 from mmedrag_client.cli import main as client_main
 from PIL import Image
 from ports import free_base_port
+from router_fakes import RESPONSE_FIELDS as FIELDS
 
 from services.launcher import Stack, curl_example, plan, service_environment
 from training.data.formats import get_format
 from training.data.medsynth.release import RELEASE_FORMATS, dataset_name
 
 HOST = "127.0.0.1"
-FIELDS = {
-    "answer",
-    "text",
-    "domain",
-    "evidence",
-    "retrieval",
-    "model",
-    "timings_ms",
-    "request_id",
-    "warnings",
-    "disclaimer",
-}
 
 
 @pytest.fixture(scope="module")

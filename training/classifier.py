@@ -37,7 +37,6 @@ continues from it).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -54,6 +53,7 @@ import typer
 from PIL import Image
 from tqdm.auto import tqdm
 
+from services.common.threads import torch_threads
 from training.data.records import DOMAINS, SPLITS
 
 logger = logging.getLogger(__name__)
@@ -514,16 +514,6 @@ def _validate(
     return record, score
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def train_classifier(
     config: ClassifierTrainingConfig, splits: DomainImageSplits | None = None
 ) -> ClassifierTrainingResult:
@@ -546,7 +536,7 @@ def train_classifier(
     # The global RNG (dropout, if a tower config enables it) is seeded inside a fork: the caller's
     # random state is left as it was.
     with (
-        _torch_threads(config.num_threads),
+        torch_threads(config.num_threads),
         torch.random.fork_rng(devices=[]),
         tempfile.TemporaryDirectory() as tmp,
     ):

@@ -31,6 +31,7 @@ from transformers import (
 from services.common.artifacts import ArtifactError, read_json, require_file
 from services.common.errors import InvalidInput, NotFound, NotReady
 from services.common.images import ImageLimits, decode_data_url
+from services.common.threads import torch_threads
 from services.generator.protocol import (
     AssistantMessage,
     ChatCompletionRequest,
@@ -94,20 +95,6 @@ class _StopOnStrings(StoppingCriteria):
         text = self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
         done = any(stop in text for stop in self.stops)
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-@contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` intra-op threads, then restore the process setting (None: leave it alone)."""
-    if count is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -365,7 +352,7 @@ class GeneratorService:
                 [_StopOnStrings(tokenizer, params.stop, prompt_len)] if params.stop else []
             )
             with (
-                _torch_threads(self.torch_threads),
+                torch_threads(self.torch_threads),
                 torch.random.fork_rng(devices=[], enabled=params.seed is not None),
                 torch.inference_mode(),
             ):

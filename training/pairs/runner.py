@@ -31,8 +31,7 @@ service ranks) and ``HttpRetriever`` (``POST /retrieve`` with ``k_max=1``, ``str
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from services.common.prompts import Task, build_prompt, render_conversation
+from services.common.threads import torch_threads
 from training.pairs.noise import load_image
 from training.pairs.rules import NOISE_RUNS, RETRIEVAL_RUNS, RUNS, Run, RunTexts
 
@@ -139,21 +139,6 @@ def _unique(requests: Sequence[GenerationRequest]) -> tuple[list[GenerationReque
     return list(position), index
 
 
-@contextlib.contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    import torch
-
-    if count is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 class InProcessGenerator:
     """A LLaVA folder loaded with transformers; batched greedy generation with left padding.
 
@@ -216,7 +201,7 @@ class InProcessGenerator:
         texts = [render_conversation(request.prompt) for request in requests]
         images = [load_image(request.image) for request in requests]
         inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        with _torch_threads(self.threads), torch.inference_mode():
+        with torch_threads(self.threads), torch.inference_mode():
             output = self.model.generate(**inputs, generation_config=self.generation_config)
         prompt_len = int(inputs["input_ids"].shape[1])
         answers = []
