@@ -396,49 +396,17 @@ def sft_llava_config(tokenizer: Any, config: SFTConfig) -> Any:
 
 
 def build_processor(tokenizer: Any, image_size: int) -> Any:
-    """The folder's ``LlavaProcessor`` (as ``build_tiny_generator`` writes it)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    """The folder's ``LlavaProcessor``, as every generator folder has it."""
+    from training.artifacts.generator import build_processor as build_llava_processor
 
-    from services.common.prompts import CHAT_TEMPLATE
-    from training.artifacts.generator import (
-        NUM_ADDITIONAL_IMAGE_TOKENS,
-        PATCH_SIZE,
-        VISION_FEATURE_SELECT_STRATEGY,
-    )
-
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy=VISION_FEATURE_SELECT_STRATEGY,
-        num_additional_image_tokens=NUM_ADDITIONAL_IMAGE_TOKENS,
-        chat_template=CHAT_TEMPLATE,
-    )
+    return build_llava_processor(tokenizer, image_size)
 
 
 def save_model_folder(out: Path, model: Any, processor: Any) -> Path:
-    """Write the folder in ``build_tiny_generator``'s layout (weights, processor, tokenizer, template)."""
-    from transformers import GenerationConfig
+    """Write the folder in the generator layout (training.artifacts.generator.save_llava_folder)."""
+    from training.artifacts.generator import save_llava_folder
 
-    from services.common.prompts import CHAT_TEMPLATE
-    from training.artifacts.generator import _patch_tokenizer_class
-
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = processor.tokenizer
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    processor.image_processor.save_pretrained(out)  # older readers want preprocessor_config.json
-    _patch_tokenizer_class(out)
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    return out
+    return save_llava_folder(out, model, processor)
 
 
 def answer_loss(model: Any, batch: Mapping[str, Any]) -> Any:

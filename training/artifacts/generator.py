@@ -179,6 +179,42 @@ def _patch_tokenizer_class(out: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int) -> LlavaProcessor:
+    """The folder's processor: CLIP image processing at ``image_size`` and the shared chat template."""
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy=VISION_FEATURE_SELECT_STRATEGY,
+        num_additional_image_tokens=NUM_ADDITIONAL_IMAGE_TOKENS,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_llava_folder(out: Path, model: LlavaForConditionalGeneration, processor: LlavaProcessor) -> Path:
+    """Write a generator folder (weights, processor, tokenizer, generation config, chat_template.jinja)
+    that transformers, our generator service and `vllm serve` all load; used by every model builder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = processor.tokenizer
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    # transformers 5 keeps the image processor inside processor_config.json; older readers want it alone.
+    processor.image_processor.save_pretrained(out)
+    _patch_tokenizer_class(out)
+    # Byte-exact, whatever the installed transformers writes for chat templates.
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    return out
+
+
 def build_tiny_generator(
     out: Path, *, corpus: Sequence[str] = (), seed: int = 0, image_size: int = 64
 ) -> Path:
@@ -196,32 +232,9 @@ def build_tiny_generator(
     tokenizer = build_tokenizer(corpus)
     config = tiny_llava_config(tokenizer, image_size)
 
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy=VISION_FEATURE_SELECT_STRATEGY,
-        num_additional_image_tokens=NUM_ADDITIONAL_IMAGE_TOKENS,
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = build_processor(tokenizer, image_size)
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    # transformers 5 keeps the image processor inside processor_config.json; older readers want it alone.
-    image_processor.save_pretrained(out)
-    _patch_tokenizer_class(out)
-    # Byte-exact, whatever the installed transformers writes for chat templates.
-    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
-    return out
+    return save_llava_folder(out, model, processor)
