@@ -50,7 +50,11 @@ async def _guarded(request: Request, key_id: str, run: Callable[[], Awaitable[RA
     """Per-key rate limit, then a bounded number of requests in flight (429 / 503, never a queue)."""
     request.app.state.rate_limiter.check(key_id)
     async with request.app.state.in_flight.slot():
-        return await run()
+        response = await run()
+    stage_seconds = request.app.state.metrics.stage
+    for stage, milliseconds in response.timings_ms.items():
+        stage_seconds.labels("router", stage).observe(milliseconds / 1000)
+    return response
 
 
 async def read_upload(image: UploadFile, pipeline: RAGPipeline) -> bytes:

@@ -223,3 +223,14 @@ async def test_explicit_confidence_floor_overrides_the_calibrated_threshold(stac
         )
     assert calibrated.json()["warnings"] == []
     assert "< 0.8" in strict.json()["warnings"][0]
+
+
+async def test_metrics_record_each_stage(stack: FakeStack) -> None:
+    async with build_router(stack) as client:
+        await client.post(
+            "/vqa", files={"image": ("x.png", make_png(), "image/png")}, data={"question": "Q?"}
+        )
+        metrics = (await client.get("/metrics")).text
+    for stage in ("decode", "classify", "retrieve", "generate", "total"):
+        assert f'mmedrag_stage_seconds_count{{service="router",stage="{stage}"}} 1.0' in metrics
+    assert 'mmedrag_http_requests_total{route="/vqa",service="router",status="200"} 1.0' in metrics
