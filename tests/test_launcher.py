@@ -80,3 +80,37 @@ def test_auth_stays_on_off_loopback(tmp_path: Path) -> None:
     assert open_env["MMEDRAG_ROUTER_AUTH_ENABLED"] == "false" and "OFF" in auth_notice(open_env, "127.0.0.1")
     assert "MMEDRAG_ROUTER_AUTH_ENABLED" not in exposed_env or os.environ.get("MMEDRAG_ROUTER_AUTH_ENABLED")
     assert "API key required" in auth_notice({}, "0.0.0.0")
+
+
+def test_logs_hold_no_question_image_or_api_key(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """A real request through all four processes leaves no PHI or secret in any service log."""
+    import base64
+    import json
+
+    from services.router.auth import hash_key
+
+    key, question = "mmr_secret-key-for-log-test-0123456789", "Is the QX7 zebra marker visible?"
+    env = dict(os.environ, MMEDRAG_ROUTER_AUTH_ENABLED="true", MMEDRAG_ROUTER_API_KEYS=f"ci:{hash_key(key)}")
+    port, logs = free_base_port(), tmp_path / "logs"
+    command = [sys.executable, "-m", "mmedrag.cli", "up", "--artifacts", str(tiny_artifacts)]
+    command += ["--port", str(port), "--log-dir", str(logs)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    example = json.loads((tiny_artifacts / "examples" / "examples.json").read_text())["radiology"]
+    image = (tiny_artifacts / example["image"]).read_bytes()
+    try:
+        printed = _read_until(process, "Press Ctrl-C to stop.", timeout_s=240)
+        assert "API key required" in printed
+        url = f"http://127.0.0.1:{port}/vqa"
+        files, data = {"image": ("chest.png", image)}, {"question": question}
+        ok = httpx.post(url, files=files, data=data, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+        refused = httpx.post(url, files=files, data=data, headers={"X-API-Key": key + "-wrong"}, timeout=30)
+        assert ok.status_code == 200 and refused.status_code == 401
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = "\n".join(path.read_text(errors="replace") for path in logs.glob("*.log"))
+    assert ok.json()["request_id"] in text, "the request should be logged (by id)"
+    for secret in (question, "QX7", key, key + "-wrong", base64.b64encode(image[:48]).decode()[:40]):
+        assert secret not in text, f"{secret!r} leaked into a service log"
