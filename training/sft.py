@@ -353,45 +353,28 @@ def encode_example(
 
 
 def sft_llava_config(tokenizer: Any, config: SFTConfig) -> Any:
-    """The base model's ``LlavaConfig``: ``tiny_llava_config``'s layout, sized by ``config``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    """The base model's ``LlavaConfig``: the generator folders' layout, sized by ``config``."""
+    from training.artifacts.generator import llava_config
 
-    from training.artifacts.generator import (
-        PATCH_SIZE,
-        VISION_FEATURE_LAYER,
-        VISION_FEATURE_SELECT_STRATEGY,
-    )
-
-    vision = CLIPVisionConfig(
-        hidden_size=config.vision_hidden_size,
-        intermediate_size=2 * config.vision_hidden_size,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.vision_hidden_size // config.head_size,
-        image_size=config.image_size,
-        patch_size=PATCH_SIZE,
+    text_heads = config.text_hidden_size // config.head_size
+    return llava_config(
+        tokenizer,
+        config.image_size,
+        vision={
+            "hidden_size": config.vision_hidden_size,
+            "intermediate_size": 2 * config.vision_hidden_size,
+            "num_hidden_layers": config.vision_layers,
+            "num_attention_heads": config.vision_hidden_size // config.head_size,
+        },
+        text={
+            "hidden_size": config.text_hidden_size,
+            "intermediate_size": 3 * config.text_hidden_size,
+            "num_hidden_layers": config.text_layers,
+            "num_attention_heads": text_heads,
+            "num_key_value_heads": text_heads,
+            "max_position_embeddings": 2048,
+        },
         projection_dim=config.vision_hidden_size,
-    )
-    heads = config.text_hidden_size // config.head_size
-    text = LlamaConfig(
-        hidden_size=config.text_hidden_size,
-        intermediate_size=3 * config.text_hidden_size,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(config.image_size // PATCH_SIZE) ** 2,
-        vision_feature_layer=VISION_FEATURE_LAYER,
-        vision_feature_select_strategy=VISION_FEATURE_SELECT_STRATEGY,
     )
 
 

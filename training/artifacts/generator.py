@@ -149,11 +149,26 @@ def _check_image_size(image_size: int) -> None:
 
 def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, image_size: int) -> LlavaConfig:
     """CLIP vision tower + Llama text model + two-layer projector, sized for CPU tests."""
+    return llava_config(tokenizer, image_size)
+
+
+def llava_config(
+    tokenizer: PreTrainedTokenizerFast,
+    image_size: int,
+    *,
+    vision: dict[str, int] = VISION,
+    text: dict[str, int] = TEXT,
+    projection_dim: int = 64,
+) -> LlavaConfig:
+    """A LLaVA config in the project's layout (LLaVA-1.5 feature conventions), sized by ``vision``/``text``
+    (CLIPVisionConfig / LlamaConfig size fields): the tiny test model and the SFT base share it."""
     _check_image_size(image_size)
     num_patches = (image_size // PATCH_SIZE) ** 2
-    vision = CLIPVisionConfig(**VISION, image_size=image_size, patch_size=PATCH_SIZE, projection_dim=64)
-    text = LlamaConfig(
-        **TEXT,
+    vision_config = CLIPVisionConfig(
+        **vision, image_size=image_size, patch_size=PATCH_SIZE, projection_dim=projection_dim
+    )
+    text_config = LlamaConfig(
+        **text,
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -161,8 +176,8 @@ def tiny_llava_config(tokenizer: PreTrainedTokenizerFast, image_size: int) -> Ll
         tie_word_embeddings=False,
     )
     return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=vision_config,
+        text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
         image_seq_length=num_patches,
         vision_feature_layer=VISION_FEATURE_LAYER,

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from ports import free_base_port, serve_in_thread
 
 from services.common.prompts import build_chat_messages, build_report_prompt
 from services.generator.app import build_app
@@ -74,29 +71,12 @@ async def test_async_client_in_process(make_app: Callable, data_url: str) -> Non
             await bad.models.list()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def live_server(generator_folder: Path) -> Iterator[str]:
     """uvicorn on loopback; the app loads the model itself in its lifespan, as in production."""
-    settings = GeneratorSettings(model_dir=generator_folder, port=_free_port(), torch_threads=1)
-    server = uvicorn.Server(
-        uvicorn.Config(build_app(settings), host="127.0.0.1", port=settings.port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("generator server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{settings.port}/v1"
-    server.should_exit = True
-    thread.join(timeout=10)
+    settings = GeneratorSettings(model_dir=generator_folder, port=free_base_port(), torch_threads=1)
+    with serve_in_thread(build_app(settings), settings.port) as url:
+        yield f"{url}/v1"
 
 
 def test_sync_client_over_http(live_server: str, data_url: str) -> None:

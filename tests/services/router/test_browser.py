@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from image_factories import make_dicom
-from ports import HOST, free_base_port
+from ports import free_base_port, serve_in_thread
 from router_fakes import CORPUS, FakeStack, build_router_app
 
 from services.common.prompts import build_report_prompt
@@ -53,18 +50,8 @@ def stack() -> FakeStack:
 def base_url(stack: FakeStack) -> Iterator[str]:
     """The router with the page attached, served by uvicorn in a thread on a free loopback port."""
     app = build_router_app(stack)  # build_app attaches the page
-    port = free_base_port()
-    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the router did not start")
-        time.sleep(0.02)
-    yield f"http://{HOST}:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(app, free_base_port(), timeout_s=20) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
