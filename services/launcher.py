@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -42,10 +43,20 @@ def plan(port: int) -> list[ServiceProcess]:
     ]
 
 
-def service_environment(artifacts: Path, host: str, port: int) -> dict[str, str]:
-    """Environment every child gets: the artifacts folder and where the router finds the others."""
+def service_environment(
+    artifacts: Path, host: str, port: int, log_format: str | None = None
+) -> dict[str, str]:
+    """Environment every child gets: the artifacts folder, where the router finds the others, a fresh
+    internal token (unless the operator set one) and the log format."""
     env = dict(os.environ)
     env["MMEDRAG_ARTIFACTS"] = str(artifacts)
+    # One random secret per run, shared by the four processes only: the internal services refuse calls
+    # that do not carry it, so other local users and programs cannot call them past the router.
+    if not env.get("MMEDRAG_INTERNAL_TOKEN"):
+        env["MMEDRAG_INTERNAL_TOKEN"] = secrets.token_urlsafe(32)
+    if log_format is not None:
+        env["MMEDRAG_LOG_FORMAT"] = log_format
+    env.setdefault("MMEDRAG_LOG_FORMAT", "json")
     env["MMEDRAG_ROUTER_CLASSIFIER_URL"] = f"http://{host}:{port + 1}"
     env["MMEDRAG_ROUTER_RETRIEVER_URL"] = f"http://{host}:{port + 2}"
     env["MMEDRAG_ROUTER_GENERATOR_URL"] = f"http://{host}:{port + 3}/v1"
@@ -153,14 +164,21 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def run_stack(
-    artifacts: Path, host: str = "127.0.0.1", port: int = 8000, log_dir: Path = Path("logs")
+    artifacts: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_dir: Path = Path("logs"),
+    log_format: str | None = None,
 ) -> int:
-    """Start, wait, print, and block until a signal; returns the exit status."""
+    """Start, wait, print, and block until a signal; returns the exit status.
+
+    ``log_format``: "json" (default) or "text" for every service's log; unset keeps MMEDRAG_LOG_FORMAT.
+    """
     artifacts = artifacts.resolve()
     if not (artifacts / MANIFEST).is_file():
         raise ArtifactError(artifacts / MANIFEST, "no artifacts manifest", root=artifacts)
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = service_environment(artifacts, host, port)
+    env = service_environment(artifacts, host, port, log_format)
     stack = Stack()
 
     def _stop_on_sigterm(*_: object) -> None:

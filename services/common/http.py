@@ -1,9 +1,12 @@
-"""Calls between services: per-call timeout, bounded retries for idempotent calls, request-id propagation.
+"""Calls between services: per-call timeout, bounded retries for idempotent calls, request-id propagation,
+the internal token, and a circuit breaker per dependency.
 
 Failures are translated once, here, into the error envelope's classes: a dependency that cannot be
 reached or answers 5xx becomes ``DependencyUnavailable`` (503), one that does not answer in time
 ``DependencyTimeout`` (504); a 4xx from a dependency is passed on with its own status and message,
-because it is about the user's input (e.g. an image the retriever cannot decode).
+because it is about the user's input (e.g. an image the retriever cannot decode). With a breaker, a
+dependency that failed ``failure_threshold`` calls in a row is not called at all for a cooldown
+(``CircuitOpen``, 503 with ``Retry-After``); one call with all its retries counts once.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ import random
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
 
-from services.common.app import REQUEST_ID_HEADER
+from services.common.app import REQUEST_ID_HEADER, internal_auth_headers
+from services.common.circuit import CircuitBreaker
 from services.common.errors import DependencyTimeout, DependencyUnavailable, ServiceError
 
 logger = logging.getLogger(__name__)
@@ -44,12 +49,26 @@ class ServiceClient:
         retries: int = 2,
         backoff_s: float = 0.1,
         transport: httpx.AsyncBaseTransport | None = None,
+        internal_token: SecretStr | str | None = None,
+        breaker: CircuitBreaker | None = None,
     ):
         self.name = name
         self.base_url = base_url.rstrip("/")
         self.retries = retries
         self.backoff_s = backoff_s
-        self._client = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, transport=transport)
+        self.breaker = breaker
+        # Sent on every call, readiness checks included (they pass without it, but it does no harm).
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout_s,
+            transport=transport,
+            headers=internal_auth_headers(internal_token),
+        )
+
+    @property
+    def httpx_client(self) -> httpx.AsyncClient:
+        """The underlying client (e.g. to instrument it for tracing)."""
+        return self._client
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -63,7 +82,19 @@ class ServiceClient:
         idempotent: bool = True,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send; retry connection failures and 502/503/504 (idempotent calls only, with jitter)."""
+        """Send; retry connection failures and 502/503/504 (idempotent calls only, with jitter).
+
+        With a breaker the whole call, retries included, is one outcome; while the circuit is open it
+        raises ``CircuitOpen`` without sending anything.
+        """
+        if self.breaker is None:
+            return await self._send(method, path, request_id=request_id, idempotent=idempotent, **kwargs)
+        with self.breaker.guard():
+            return await self._send(method, path, request_id=request_id, idempotent=idempotent, **kwargs)
+
+    async def _send(
+        self, method: str, path: str, *, request_id: str | None, idempotent: bool, **kwargs: Any
+    ) -> httpx.Response:
         headers = dict(kwargs.pop("headers", None) or {})
         if request_id:
             headers[REQUEST_ID_HEADER] = request_id
@@ -96,7 +127,7 @@ class ServiceClient:
         raise DependencyUnavailable(last_problem, code=f"{self.name}_unavailable")
 
     async def ready(self, path: str = "/readyz") -> bool:
-        """True when the dependency says it can serve; never raises."""
+        """True when the dependency says it can serve; never raises, and bypasses the breaker."""
         try:
             response = await self._client.get(path, timeout=2.0)
         except httpx.HTTPError:

@@ -3,6 +3,11 @@
 Classifier and retriever are our own services (multipart over HTTP, retried: both calls are
 idempotent). The generator is reached through the OpenAI protocol with the ``openai`` client, exactly as
 vLLM serves it: moving from our CPU server to vLLM is a change of ``generator_url`` and nothing else.
+Each has a circuit breaker when the settings ask for one (``services.common.circuit``).
+
+The internal token reaches the generator two ways: as the OpenAI API key (``Authorization: Bearer``, which
+vLLM's ``--api-key`` checks) unless a separate generator key is configured, and always as
+``X-Internal-Token`` (read by our services, ignored by vLLM).
 """
 
 from __future__ import annotations
@@ -10,9 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
+from pydantic import SecretStr
 
-from services.common.app import REQUEST_ID_HEADER
+from services.common.app import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, token_value
+from services.common.circuit import CircuitBreaker
 from services.common.errors import DependencyTimeout, DependencyUnavailable
 from services.common.http import DownstreamError, ServiceClient
 from services.common.prompts import build_chat_messages
@@ -69,14 +77,38 @@ class Generation:
     model: str
 
 
+NO_API_KEY = "EMPTY"  # what OpenAI clients send to a vLLM that has no --api-key
+
+
 class GeneratorClient:
     """OpenAI chat completions; one image (as a data URL) and one text part per request."""
 
-    def __init__(self, base_url: str, *, model: str, api_key: str, timeout_s: float, http_client: Any = None):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str,
+        api_key: str,
+        timeout_s: float,
+        http_client: httpx.AsyncClient | None = None,
+        internal_token: SecretStr | str | None = None,
+        breaker: CircuitBreaker | None = None,
+    ):
         self.model = model
         self.base_url = base_url
+        self.breaker = breaker
+        token = token_value(internal_token)
+        if token and api_key in ("", NO_API_KEY):
+            api_key = token
+        # Our own httpx client (openai's defaults), so that it can be instrumented for tracing.
+        self.httpx_client = http_client or openai.DefaultAsyncHttpxClient()
         self._client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0, http_client=http_client
+            base_url=base_url,
+            api_key=api_key or NO_API_KEY,
+            timeout=timeout_s,
+            max_retries=0,
+            http_client=self.httpx_client,
+            default_headers={INTERNAL_TOKEN_HEADER: token} if token else None,
         )
 
     async def aclose(self) -> None:
@@ -84,6 +116,15 @@ class GeneratorClient:
 
     async def generate(
         self, prompt: str, image_url: str, *, max_tokens: int, temperature: float, request_id: str
+    ) -> Generation:
+        """One completion; through the breaker when there is one (not retried: generation is costly)."""
+        if self.breaker is None:
+            return await self._generate(prompt, image_url, max_tokens, temperature, request_id)
+        with self.breaker.guard():
+            return await self._generate(prompt, image_url, max_tokens, temperature, request_id)
+
+    async def _generate(
+        self, prompt: str, image_url: str, max_tokens: int, temperature: float, request_id: str
     ) -> Generation:
         try:
             completion = await self._client.chat.completions.create(

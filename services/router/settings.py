@@ -24,7 +24,11 @@ class RouterSettings(ServiceSettings):
         description="OpenAI-compatible base URL of the generator: vLLM in production, ours off-GPU.",
     )
     generator_model: str = Field("mmedrag-llava", description="Model name the generator serves.")
-    generator_api_key: str = Field("EMPTY", description="API key sent to the generator (vLLM --api-key).")
+    generator_api_key: str = Field(
+        "EMPTY",
+        description="API key sent to the generator (vLLM --api-key); EMPTY = send the internal token "
+        "(MMEDRAG_INTERNAL_TOKEN) when one is set.",
+    )
     classifier_timeout_s: float = Field(10.0, gt=0, description="Deadline of one classifier call.")
     retriever_timeout_s: float = Field(10.0, gt=0, description="Deadline of one retriever call.")
     generator_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation.")
@@ -75,4 +79,13 @@ class RouterSettings(ServiceSettings):
         "fail",
         description="When the retriever or Qdrant is down: fail with 503 retrieval_unavailable, or answer "
         "without retrieval and add a 'degraded' warning.",
+    )
+    circuit_failure_threshold: int = Field(
+        5,
+        ge=0,
+        description="Consecutive failed calls (unreachable, 5xx, timeout) after which a dependency's circuit "
+        "opens: calls then fail at once with 503 and Retry-After, and /readyz reports it. 0 = no breaker.",
+    )
+    circuit_cooldown_s: float = Field(
+        30.0, gt=0, description="How long an open circuit refuses calls before one probe call may go through."
     )
