@@ -107,13 +107,18 @@ class SFTConfig:
         default=64, metadata=_help("Report answers are cut after the last whole sentence within this.")
     )
     limit: int | None = field(default=None, metadata=_help("Items per domain and task (None: all)."))
-    vision_aux_weight: float = field(
-        default=0.0,
+    vision_pretrain_steps: int = field(
+        default=600,
         metadata=_help(
-            "Weight of the auxiliary finding loss on the vision tower (a linear probe predicting the "
-            "training image's findings, discarded after training); stands in for the pretrained CLIP "
-            "LLaVA starts from. 0 (default) turns it off."
+            "Steps of the vision-tower pretraining phase (a linear probe on the projector's input tokens "
+            "predicts each training image's findings; the probe is discarded): stands in for the "
+            "pretrained CLIP LLaVA starts from. 0 skips it."
         ),
+    )
+    vision_pretrain_lr: float = field(default=1e-3, metadata=_help("AdamW learning rate of that phase."))
+    freeze_vision: bool = field(
+        default=True,
+        metadata=_help("Keep the vision tower frozen during SFT (LLaVA-1.5 freezes its CLIP tower)."),
     )
     # optimisation
     epochs: int = field(default=4, metadata=_help("Passes over the training items."))
@@ -413,16 +418,51 @@ def answer_loss(model: Any, batch: Mapping[str, Any]) -> Any:
     return (per_example / mask.sum(dim=1).clamp(min=1)).mean()
 
 
-def vision_finding_loss(model: Any, probe: Any, batch: Mapping[str, Any], labels: Any) -> Any:
-    """Binary cross-entropy of a linear probe on the mean patch feature the projector reads (the
-    ``vision_feature_layer`` hidden state), against the images' findings: gives the randomly initialised
-    vision tower the discriminative features a pretrained CLIP would bring."""
-    import torch.nn.functional as F
+def projector_input(model: Any, pixel_values: Any) -> Any:
+    """The patch features the projector reads (``vision_feature_layer``, CLS dropped as "default" does),
+    flattened per image: the probe sees each patch where it is, as the language model does (a mean over
+    patches would lose left from right)."""
+    states = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    return states[model.config.vision_feature_layer][:, 1:].flatten(1)
 
-    config = model.config
-    states = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
-    features = states[config.vision_feature_layer][:, 1:].mean(dim=1)  # CLS dropped, as "default" does
-    return F.binary_cross_entropy_with_logits(probe(features), labels)
+
+def pretrain_vision_tower(
+    model: Any,
+    pixels: Any,
+    targets: Any,
+    *,
+    steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> list[float]:
+    """Train the vision tower (and a throwaway linear probe) to predict findings from pixels.
+
+    Why: LLaVA starts from a CLIP tower that already sees; a tower trained from random weights only
+    through the language model's answer loss never learned the findings (measured: the SFT model's answer
+    did not change with the image). Returns the loss per step.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    generator = torch.Generator().manual_seed(seed)
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        width = projector_input(model, pixels[:1]).shape[1]
+    probe = torch.nn.Linear(width, targets.shape[1])
+    optimizer = torch.optim.AdamW([*tower.parameters(), *probe.parameters()], lr=learning_rate)
+    losses = []
+    tower.train()
+    for _ in tqdm(range(steps), desc="vision pretraining", unit="step", disable=not progress, leave=False):
+        rows = torch.randint(0, len(pixels), (min(batch_size, len(pixels)),), generator=generator)
+        loss = F.binary_cross_entropy_with_logits(probe(projector_input(model, pixels[rows])), targets[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def collate(examples: Sequence[tuple[list[int], list[int], Any]], pad_id: int) -> dict[str, Any]:
@@ -556,14 +596,12 @@ def train_sft(config: SFTConfig) -> SFTResult:
 
     torch.manual_seed(config.seed)
     model = LlavaForConditionalGeneration(model_config)
-    finding_names = sorted({name for entries in corpus.values() for e in entries for name in e.findings})
-    probe = torch.nn.Linear(config.vision_hidden_size, max(1, len(finding_names)))
+    finding_names = sorted({(d, n) for d, entries in corpus.items() for e in entries for n in e.findings})
     targets = {
-        (domain, e.image): torch.tensor([float(n in e.findings) for n in finding_names] or [0.0])
+        (domain, e.image): [float(d == domain and n in e.findings) for d, n in finding_names] or [0.0]
         for domain, entries in corpus.items()
         for e in entries
     }
-    model.train()
 
     # Each training image once, preprocessed as the processor does at serving time.
     paths = {(item.domain, item.image): item.path for item in items}
@@ -578,11 +616,30 @@ def train_sft(config: SFTConfig) -> SFTResult:
         ]
         pixels.update(zip(chunk, values, strict=True))
 
+    vision_curve: list[float] = []
+    if config.vision_pretrain_steps:
+        labelled = [key for key in keys if (key[0], _image_key(key[1])) in targets]
+        vision_curve = pretrain_vision_tower(
+            model,
+            torch.stack([pixels[key] for key in labelled]),
+            torch.tensor([targets[(domain, _image_key(image))] for domain, image in labelled]),
+            steps=config.vision_pretrain_steps,
+            learning_rate=config.vision_pretrain_lr,
+            batch_size=64,
+            seed=config.seed,
+            progress=config.progress,
+        )
+    model.train()
+    if config.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+        model.model.vision_tower.eval()
+    trained = [p for p in model.parameters() if p.requires_grad]
+
     steps_per_epoch = math.ceil(len(items) / config.batch_size)
     total = config.max_steps or steps_per_epoch * config.epochs
     warmup = max(1, int(config.warmup_ratio * total))
     optimizer = torch.optim.AdamW(
-        [*model.parameters(), *probe.parameters()],
+        trained,
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
         fused=True,
@@ -605,12 +662,9 @@ def train_sft(config: SFTConfig) -> SFTResult:
                 [(ids, labels, pixels[key]) for ids, labels, key in chunk], tokenizer.pad_token_id
             )
             loss = answer_loss(model, batch)
-            if config.vision_aux_weight > 0:
-                labels = torch.stack([targets[key] for _, _, key in chunk])
-                loss = loss + config.vision_aux_weight * vision_finding_loss(model, probe, batch, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -659,6 +713,11 @@ def train_sft(config: SFTConfig) -> SFTResult:
         "steps": step,
         "epochs": epochs,
         "loss_curve": curve,
+        "vision_pretraining": {
+            "steps": len(vision_curve),
+            "first_loss": vision_curve[0] if vision_curve else None,
+            "last_loss": sum(vision_curve[-20:]) / len(vision_curve[-20:]) if vision_curve else None,
+        },
         "train_seconds": round(train_seconds, 1),
         "threads": torch.get_num_threads(),
     }

@@ -39,6 +39,7 @@ TINY = {
     "vision_layers": 1,
     "text_hidden_size": 64,
     "text_layers": 1,
+    "vision_pretrain_steps": 5,
     "batch_size": 8,
     "learning_rate": 3e-3,
     "warmup_ratio": 0.0,
@@ -178,9 +179,7 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(trained: tuple[SFTCon
 def test_training_is_deterministic_for_a_seed(medsynth: Path, tmp_path: Path) -> None:
     weights = []
     for name in ("a", "b"):
-        config = SFTConfig(
-            data=medsynth, out=tmp_path / name, max_steps=3, limit=4, vision_aux_weight=1.0, **TINY
-        )
+        config = SFTConfig(data=medsynth, out=tmp_path / name, max_steps=3, limit=4, **TINY)
         train_sft(config)
         weights.append(load_file(str(config.out / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
