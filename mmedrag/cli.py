@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from mmedrag.errors import run_with_clean_errors
 from services.status import status_cli
+from training.bootstrap import bootstrap_cli
 from training.calibrate import calibrate_cli
 from training.classifier import classifier_cli
 from training.convert_llava_med import convert_llava_med_cli
@@ -43,6 +44,7 @@ app.command("pairs")(pairs_cli)
 app.command("dpo")(dpo_cli)
 app.command("export")(export_cli)
 app.command("convert-llava-med")(convert_llava_med_cli)
+app.command("bootstrap")(bootstrap_cli)
 
 train_app = typer.Typer(
     help="Train the domain classifier and the per-domain retrievers.", no_args_is_help=True
@@ -78,11 +80,18 @@ def up(
         int, typer.Option(help="Router port; the classifier, retriever and generator use the next three.")
     ] = 8000,
     log_dir: Annotated[Path, typer.Option(help="Where each service writes <name>.log.")] = Path("logs"),
+    log_format: Annotated[
+        Literal["json", "text"] | None,
+        typer.Option(
+            help="Log lines of every service: json (one object per line) or text; default: "
+            "MMEDRAG_LOG_FORMAT, else json."
+        ),
+    ] = None,
 ) -> None:
     """Start the whole stack on the embedded default (router, classifier, retriever, generator)."""
     from services.launcher import run_stack
 
-    raise typer.Exit(run_stack(artifacts, host=host, port=port, log_dir=log_dir))
+    raise typer.Exit(run_stack(artifacts, host=host, port=port, log_dir=log_dir, log_format=log_format))
 
 
 keys_app = typer.Typer(help="API keys of the router.", no_args_is_help=True)

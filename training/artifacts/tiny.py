@@ -30,14 +30,14 @@ TINY_PER_DOMAIN = 24
 TINY_IMAGE_SIZE = 64
 
 
-def _weights_checksums(folder: Path) -> dict[str, str]:
+def weights_checksums(folder: Path) -> dict[str, str]:
     return {
         path.relative_to(folder).as_posix(): sha256_file(path)
         for path in sorted(folder.rglob("*.safetensors"))
     }
 
 
-def _write_examples(data_dir: Path, out: Path) -> dict[str, Any]:
+def write_examples(data_dir: Path, out: Path) -> dict[str, Any]:
     """One test image per domain with one of its questions, for the printed curl example and docs."""
     from training.data.formats import get_format
     from training.data.medsynth.release import dataset_name
@@ -103,7 +103,7 @@ def build_tiny_artifacts(out: Path, *, seed: int = 0, progress: bool = True) -> 
         store.close()
     corpus = [report.text for domain in DOMAINS for report in load_corpus_from_medsynth(data_dir, domain)]
     build_tiny_generator(out / GENERATOR_DIR, corpus=corpus, seed=seed)
-    examples = _write_examples(data_dir, out)
+    examples = write_examples(data_dir, out)
 
     manifest = {
         "version": 1,
@@ -112,15 +112,15 @@ def build_tiny_artifacts(out: Path, *, seed: int = 0, progress: bool = True) -> 
         "seed": seed,
         "data": {"medsynth": MEDSYNTH_DIR, "per_domain": TINY_PER_DOMAIN, "image_size": TINY_IMAGE_SIZE},
         "parts": {
-            "classifier": {"path": CLASSIFIER_DIR, "weights": _weights_checksums(out / CLASSIFIER_DIR)},
+            "classifier": {"path": CLASSIFIER_DIR, "weights": weights_checksums(out / CLASSIFIER_DIR)},
             "retrievers": {
                 domain: {
                     "path": f"{RETRIEVERS_DIR}/{domain}",
-                    "weights": _weights_checksums(out / RETRIEVERS_DIR / domain),
+                    "weights": weights_checksums(out / RETRIEVERS_DIR / domain),
                 }
                 for domain in DOMAINS
             },
-            "generator": {"path": GENERATOR_DIR, "weights": _weights_checksums(out / GENERATOR_DIR)},
+            "generator": {"path": GENERATOR_DIR, "weights": weights_checksums(out / GENERATOR_DIR)},
             "index": {"path": INDEX_DIR, "collections": [f"mmedrag_{d}" for d in DOMAINS]},
         },
         "examples": examples,

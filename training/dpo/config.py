@@ -84,7 +84,8 @@ class MMedRAGDPOConfig(DPOConfig):
         adapter_dir (`str`, *optional*):
             Where the trained adapter is saved. Default: `<artifacts>/adapters/stage<stage>`.
         stage1_adapter (`str`, *optional*):
-            Stage 2: the adapter to continue. Default: `<artifacts>/adapters/stage1`.
+            Stage 2: the adapter to continue. Default: `<artifacts>/adapters/stage1`; `"none"` starts a
+            new adapter (when the base model gave no stage-1 pairs).
         lora_r, lora_alpha, lora_dropout (defaults `16`, `32`, `0.05`; paper 128, 256, 0.05):
             LoRA shape of a new (stage-1) adapter; stage 2 keeps the stage-1 adapter's shape.
         lora_target_modules (`str`):

@@ -16,6 +16,8 @@ BASE_DIR = "base"  # the model DPO starts from (SFT output or a converted LLaVA-
 PAIRS_DIR = "pairs"
 ADAPTERS_DIR = "adapters"
 CHECKPOINTS_DIR = "checkpoints"
+# stage1_adapter value that makes stage 2 start a new adapter (a base model without stage-1 pairs)
+NO_STAGE1_ADAPTER = "none"
 
 # Every linear layer of the language model (attention and MLP projections), matched on the full module
 # name with re.fullmatch. The CLIP vision tower also has q_proj/k_proj/v_proj, so the pattern is anchored
@@ -51,7 +53,8 @@ HELP: dict[str, str] = {
     "eval_fraction": "Share of the pairs held out (by id hash) when no eval pair files are given.",
     "image_root": "Folder the pairs' image paths are relative to (overrides their image_root).",
     "adapter_dir": "Where the trained LoRA adapter is saved. Default: <artifacts>/adapters/stage<N>.",
-    "stage1_adapter": "Stage 2: the stage-1 adapter to continue. Default: <artifacts>/adapters/stage1.",
+    "stage1_adapter": "Stage 2: the stage-1 adapter to continue. Default: <artifacts>/adapters/stage1. "
+    f"'{NO_STAGE1_ADAPTER}': start a new adapter (when stage 1 had no pairs to train on).",
     "lora_r": "LoRA rank of a new adapter (paper: 128).",
     "lora_alpha": "LoRA alpha of a new adapter (paper: 256).",
     "lora_dropout": "LoRA dropout of a new adapter (paper: 0.05).",

@@ -40,6 +40,7 @@ from training.dpo.data import (
     split_held_out,
     stage_pair_files,
 )
+from training.dpo.defaults import NO_STAGE1_ADAPTER
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def load_policy(config: MMedRAGDPOConfig) -> tuple[Any, Any, Any]:
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     base = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    if config.stage == 1:
+    if config.stage == 1 or config.stage1_adapter == NO_STAGE1_ADAPTER:
         return base, processor, lora_config(config)
     adapter = Path(config.stage1_adapter)
     if not (adapter / "adapter_config.json").is_file():
