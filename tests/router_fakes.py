@@ -19,6 +19,7 @@ from services.router.settings import RouterSettings
 
 CORPUS = {
     "radiology": ["No pleural effusion.", "Small left pleural effusion.", "The heart is enlarged."],
+    "ophthalmology": ["The cup-to-disc ratio is 0.7.", "Scattered drusen at the macula."],
     "pathology": ["Sheets of atypical cells.", "No tumour is identified."],
 }
 RESPONSE_FIELDS = {

@@ -2,7 +2,9 @@
 
 Exceptions carry their HTTP status; ``install_error_handlers`` maps them, reshapes FastAPI's own
 ``HTTPException`` and validation errors into the same body, and turns anything unexpected into a 500
-whose body holds no stack trace (the traceback goes to the log with the request id).
+whose body holds no stack trace (the traceback goes to the log with the request id). That 500 is sent by
+Starlette's outermost middleware, past the one that stamps ``X-Request-ID`` on every other response, so
+its handler adds the header itself: the id the body asks the user to quote is also in the headers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.common.logging import request_id_var
+
+REQUEST_ID_HEADER = "X-Request-ID"  # the same name as services.common.app's (which imports this module)
 logger = logging.getLogger(__name__)
 
 
@@ -165,11 +170,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", None)
+        request_id = getattr(request.state, "request_id", None) or request_id_var.get()
         logger.exception("unhandled error (request %s)", request_id, exc_info=exc)
         body = error_body(
             f"internal error; quote request id {request_id} when reporting it",
             code="internal_error",
             error_type="internal_error",
         )
-        return JSONResponse(body, status_code=500)
+        headers = {REQUEST_ID_HEADER: request_id} if request_id else None
+        return JSONResponse(body, status_code=500, headers=headers)

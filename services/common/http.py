@@ -3,10 +3,15 @@ the internal token, and a circuit breaker per dependency.
 
 Failures are translated once, here, into the error envelope's classes: a dependency that cannot be
 reached or answers 5xx becomes ``DependencyUnavailable`` (503), one that does not answer in time
-``DependencyTimeout`` (504); a 4xx from a dependency is passed on with its own status and message,
-because it is about the user's input (e.g. an image the retriever cannot decode). With a breaker, a
-dependency that failed ``failure_threshold`` calls in a row is not called at all for a cooldown
-(``CircuitOpen``, 503 with ``Retry-After``); one call with all its retries counts once.
+``DependencyTimeout`` (504). A 401/403 refuses the router itself (its internal token), not the user:
+``DependencyMisconfigured`` (503 ``<name>_unavailable``, naming the setting to check, without the
+dependency's body). Any other 4xx is passed on with its own status and message, because it is about the
+user's input (e.g. an image the retriever cannot decode).
+
+With a breaker, a dependency that failed ``failure_threshold`` calls in a row is not called at all for a
+cooldown (``CircuitOpen``, 503 with ``Retry-After``); one call with all its retries counts once. A
+misconfiguration does not count: the dependency answered at once, so there is no pile-up of slow calls to
+cut short, and an open circuit would replace the message that says what to fix with "circuit open".
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import SecretStr
@@ -26,6 +32,8 @@ from services.common.errors import DependencyTimeout, DependencyUnavailable, Ser
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({502, 503, 504})
+REFUSED_CREDENTIALS = frozenset({401, 403})
+T = TypeVar("T")
 
 
 class DownstreamError(ServiceError):
@@ -35,6 +43,24 @@ class DownstreamError(ServiceError):
         super().__init__(message, param=param, code=code)
         self.status_code = status_code
         self.error_type = error_type
+
+
+class DependencyMisconfigured(DependencyUnavailable):
+    """503: a dependency refuses the router's own credentials (or, for the generator, does not know the
+    model it is asked for): a deployment setting is wrong, and the message says which to check."""
+
+
+async def through_breaker(breaker: CircuitBreaker | None, call: Callable[[], Awaitable[T]]) -> T:
+    """Run ``call`` through ``breaker`` (when there is one); ``DependencyMisconfigured`` is an answer, not a
+    failure of the dependency, so it neither counts towards opening the circuit nor fails a probe."""
+    if breaker is None:
+        return await call()
+    with breaker.guard():
+        try:
+            return await call()
+        except DependencyMisconfigured as error:
+            misconfigured = error
+    raise misconfigured
 
 
 class ServiceClient:
@@ -87,10 +113,10 @@ class ServiceClient:
         With a breaker the whole call, retries included, is one outcome; while the circuit is open it
         raises ``CircuitOpen`` without sending anything.
         """
-        if self.breaker is None:
-            return await self._send(method, path, request_id=request_id, idempotent=idempotent, **kwargs)
-        with self.breaker.guard():
-            return await self._send(method, path, request_id=request_id, idempotent=idempotent, **kwargs)
+        return await through_breaker(
+            self.breaker,
+            lambda: self._send(method, path, request_id=request_id, idempotent=idempotent, **kwargs),
+        )
 
     async def _send(
         self, method: str, path: str, *, request_id: str | None, idempotent: bool, **kwargs: Any
@@ -119,12 +145,29 @@ class ServiceClient:
                 continue
             if response.status_code >= 500:
                 raise DependencyUnavailable(
-                    f"{self.name} failed ({response.status_code}): {_message(response)}"
+                    f"{self.name} failed ({response.status_code}): {_message(response)}",
+                    code=f"{self.name}_unavailable",
                 )
+            if response.status_code in REFUSED_CREDENTIALS:
+                raise self._refused(response)
             if response.status_code >= 400:
                 raise _downstream_error(response)
             return response
         raise DependencyUnavailable(last_problem, code=f"{self.name}_unavailable")
+
+    def _refused(self, response: httpx.Response) -> DependencyMisconfigured:
+        # The dependency's own words go to the log only: they are about our deployment, not the client.
+        logger.error(
+            "%s refused the router (%d %s): check MMEDRAG_INTERNAL_TOKEN",
+            self.name,
+            response.status_code,
+            _code(response),
+        )
+        return DependencyMisconfigured(
+            f"{self.name} refused the router's credentials ({response.status_code}): internal token "
+            f"mismatch: check MMEDRAG_INTERNAL_TOKEN (the same value on the router and the {self.name})",
+            code=f"{self.name}_unavailable",
+        )
 
     async def ready(self, path: str = "/readyz") -> bool:
         """True when the dependency says it can serve; never raises, and bypasses the breaker."""
@@ -140,6 +183,13 @@ def _message(response: httpx.Response) -> str:
         return str(response.json()["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return response.text[:200]
+
+
+def _code(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return "-"
 
 
 def _downstream_error(response: httpx.Response) -> DownstreamError:

@@ -4,6 +4,10 @@ Each answered request also feeds the router's own metrics (which domain, how man
 similar the best one was) and leaves lengths, hashes and ids on ``request.state.audit`` for the audit
 record that the app writes once the response is out (``services.router.app``): never the question or
 the image itself.
+
+Forms are read as browsers and clients send them: text fields must decode as text (``StrictFormRoute``,
+``services.router.forms``: no silent Latin-1 fallback), and a field sent empty, as an HTML form sends an
+input left blank, counts as not sent.
 """
 
 from __future__ import annotations
@@ -13,16 +17,24 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Form, Request, UploadFile
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from services.common.circuit import CircuitOpen
-from services.common.errors import DependencyUnavailable, ErrorResponse, InvalidInput, PayloadTooLarge
+from services.common.errors import (
+    DependencyUnavailable,
+    ErrorResponse,
+    InvalidInput,
+    PayloadTooLarge,
+    UnprocessableImage,
+    UnsupportedMediaType,
+)
 from services.common.logging import fingerprint
 from services.router.auth import require_api_key
+from services.router.forms import StrictFormRoute
 from services.router.protocol import RAGResponse, RetrievalMode
 from services.router.service import RAGPipeline, RAGRequest
 
-router = APIRouter(tags=["rag"])
+router = APIRouter(tags=["rag"], route_class=StrictFormRoute)
 DomainName = Literal["radiology", "ophthalmology", "pathology"]
 MULTIPART = "multipart/form-data"  # a file upload: FastAPI would otherwise document a url-encoded form
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503, 504)}
@@ -42,6 +54,15 @@ class ReportForm(BaseModel):
     )
     max_tokens: int | None = Field(None, ge=1, description="Longest answer in tokens.")
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_absent(cls, data: Any) -> Any:
+        """An empty field is what an HTML form sends for an input left blank: the option's default applies
+        (and a required field is reported missing rather than invalid)."""
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value != ""}
+        return data
 
 
 class VQAForm(ReportForm):
@@ -94,6 +115,8 @@ def get_pipeline(request: Request) -> RAGPipeline:
 
 PipelineDep = Annotated[RAGPipeline, Depends(get_pipeline)]
 KeyIdDep = Annotated[str, Depends(require_api_key)]
+# What decoding an upload may raise (services.common.images); the router answers them with param "image".
+IMAGE_ERRORS = (InvalidInput, PayloadTooLarge, UnsupportedMediaType, UnprocessableImage)
 
 
 def note_for_audit(request: Request, **fields: Any) -> None:
@@ -109,6 +132,10 @@ async def _guarded(
     try:
         async with request.app.state.in_flight.slot():
             response = await run()
+    except IMAGE_ERRORS as error:
+        # The image gate's errors carry no field; every other client error of the pipeline names its own.
+        error.param = error.param or "image"
+        raise
     except DependencyUnavailable as error:
         # A wrapped open circuit (e.g. retrieval_unavailable) keeps telling the client when to retry.
         if not getattr(error, "headers", None) and isinstance(error.__cause__, CircuitOpen):

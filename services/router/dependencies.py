@@ -8,10 +8,15 @@ Each has a circuit breaker when the settings ask for one (``services.common.circ
 The internal token reaches the generator two ways: as the OpenAI API key (``Authorization: Bearer``, which
 vLLM's ``--api-key`` checks) unless a separate generator key is configured, and always as
 ``X-Internal-Token`` (read by our services, ignored by vLLM).
+
+A generator that refuses the router's key (401/403) or does not serve the configured model (404) is a
+deployment error, not the client's: it becomes 503 ``generator_unavailable`` naming the setting to check,
+without the generator's own body, and does not count towards the circuit breaker (``through_breaker``).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +27,7 @@ from pydantic import SecretStr
 from services.common.app import INTERNAL_TOKEN_HEADER, REQUEST_ID_HEADER, token_value
 from services.common.circuit import CircuitBreaker
 from services.common.errors import DependencyTimeout, DependencyUnavailable
-from services.common.http import DownstreamError, ServiceClient
+from services.common.http import DependencyMisconfigured, DownstreamError, ServiceClient, through_breaker
 from services.common.prompts import build_chat_messages
 
 
@@ -78,6 +83,7 @@ class Generation:
 
 
 NO_API_KEY = "EMPTY"  # what OpenAI clients send to a vLLM that has no --api-key
+logger = logging.getLogger(__name__)
 
 
 class GeneratorClient:
@@ -98,7 +104,8 @@ class GeneratorClient:
         self.base_url = base_url
         self.breaker = breaker
         token = token_value(internal_token)
-        if token and api_key in ("", NO_API_KEY):
+        self.sends_internal_token = bool(token and api_key in ("", NO_API_KEY))
+        if self.sends_internal_token:
             api_key = token
         # Our own httpx client (openai's defaults), so that it can be instrumented for tracing.
         self.httpx_client = http_client or openai.DefaultAsyncHttpxClient()
@@ -118,10 +125,9 @@ class GeneratorClient:
         self, prompt: str, image_url: str, *, max_tokens: int, temperature: float, request_id: str
     ) -> Generation:
         """One completion; through the breaker when there is one (not retried: generation is costly)."""
-        if self.breaker is None:
-            return await self._generate(prompt, image_url, max_tokens, temperature, request_id)
-        with self.breaker.guard():
-            return await self._generate(prompt, image_url, max_tokens, temperature, request_id)
+        return await through_breaker(
+            self.breaker, lambda: self._generate(prompt, image_url, max_tokens, temperature, request_id)
+        )
 
     async def _generate(
         self, prompt: str, image_url: str, max_tokens: int, temperature: float, request_id: str
@@ -141,6 +147,8 @@ class GeneratorClient:
                 f"cannot reach the generator at {self.base_url}", code="generator_unavailable"
             ) from exc
         except openai.APIStatusError as exc:
+            if exc.status_code in (401, 403, 404):
+                raise self._misconfigured(exc) from exc
             if exc.status_code >= 500:
                 raise DependencyUnavailable(
                     f"generator failed ({exc.status_code})", code="generator_unavailable"
@@ -154,6 +162,32 @@ class GeneratorClient:
             ) from exc
         content = completion.choices[0].message.content or ""
         return Generation(text=content, model=completion.model)
+
+    def _misconfigured(self, exc: openai.APIStatusError) -> DependencyMisconfigured:
+        """What to check when the generator refuses the router or the model; its body goes to the log only."""
+        status = exc.status_code
+        logger.error("the generator answered %d to the router: %s", status, exc.message)
+        if status == 404:
+            hint = (
+                f"it does not serve model '{self.model}' at {self.base_url}: check "
+                "MMEDRAG_ROUTER_GENERATOR_MODEL against the generator's served model name (vLLM "
+                "--served-model-name) and MMEDRAG_ROUTER_GENERATOR_URL (it ends in /v1)"
+            )
+        elif self.sends_internal_token:
+            hint = (
+                "it refused the router's key, the internal token: check MMEDRAG_INTERNAL_TOKEN (the same "
+                "value on the router and the generator; vLLM: one of its --api-key values) or set "
+                "MMEDRAG_ROUTER_GENERATOR_API_KEY to the generator's key"
+            )
+        else:
+            hint = (
+                "it refused the router's key: check MMEDRAG_ROUTER_GENERATOR_API_KEY against the "
+                "generator's key (vLLM --api-key / VLLM_API_KEY, ours MMEDRAG_GENERATOR_API_KEY) and "
+                "MMEDRAG_INTERNAL_TOKEN"
+            )
+        return DependencyMisconfigured(
+            f"the generator cannot be used ({status}): {hint}", code="generator_unavailable"
+        )
 
     async def ready(self) -> bool:
         try:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from services.common.errors import ErrorResponse
 from services.common.images import DecodedImage, ImageLimits, decode_image, encode_png
-from services.router.api import read_upload
+from services.router.api import IMAGE_ERRORS, read_upload
 from services.router.auth import require_api_key
 
 WEB_DIR = Path(__file__).with_name("web")
@@ -36,7 +36,7 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-PREVIEW_ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422)}
+PREVIEW_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
 
 web = APIRouter(tags=["web"])
 
@@ -74,8 +74,12 @@ async def preview(
 ) -> Response:
     """Decode the upload with the limits of ``/vqa`` and answer a thumbnail the browser can show."""
     pipeline = request.app.state.pipeline
-    data = await read_upload(image, pipeline)
-    png, decoded = await anyio.to_thread.run_sync(make_thumbnail, data, pipeline.limits)
+    data = await read_upload(image, pipeline, request)  # the audit line gets its size and hash
+    try:
+        png, decoded = await anyio.to_thread.run_sync(make_thumbnail, data, pipeline.limits)
+    except IMAGE_ERRORS as error:
+        error.param = error.param or "image"
+        raise
     headers = {
         "Cache-Control": "no-store",  # a patient image: never kept by a shared cache
         "X-Image-Format": decoded.format,

@@ -152,6 +152,32 @@ def test_generator_api_key_is_shared(render_compose: Any) -> None:
     assert environment(default["router"])["MMEDRAG_ROUTER_GENERATOR_API_KEY"] == "EMPTY"
 
 
+def _vllm_api_keys(vllm: dict[str, Any]) -> list[str]:
+    """The values after vLLM's --api-key (a list; vLLM drops empty ones and reads it before VLLM_API_KEY)."""
+    command = [str(arg) for arg in vllm["command"]]
+    start = command.index("--api-key") + 1
+    end = next((i for i in range(start, len(command)) if command[i].startswith("--")), len(command))
+    return [key for key in command[start:end] if key]
+
+
+@pytest.mark.parametrize(
+    ("env", "keys"),
+    [
+        ({}, []),
+        ({"MMEDRAG_INTERNAL_TOKEN": "t0ken"}, ["t0ken"]),
+        ({"MMEDRAG_INTERNAL_TOKEN": "t0ken", "GENERATOR_API_KEY": "s3cret"}, ["s3cret", "t0ken"]),
+    ],
+)
+def test_vllm_accepts_what_the_router_sends(
+    render_compose: Any, env: dict[str, str], keys: list[str]
+) -> None:
+    """The router sends GENERATOR_API_KEY when set, else the internal token: vLLM accepts either."""
+    services = render_compose("gpu", **env)["services"]
+    assert _vllm_api_keys(services["vllm"]) == keys
+    for name in ("router", "classifier", "retriever"):
+        assert environment(services[name])["MMEDRAG_INTERNAL_TOKEN"] == env.get("MMEDRAG_INTERNAL_TOKEN")
+
+
 @pytest.mark.parametrize("service", OUR_SERVICES)
 def test_service_variables_exist_in_its_settings(compose_source: dict[str, Any], service: str) -> None:
     """No dead or misspelled MMEDRAG_* variable in any service of ours."""

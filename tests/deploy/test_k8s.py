@@ -287,6 +287,20 @@ def test_keys_come_from_a_secret_that_is_not_shipped(
         )
     # no API key is ever written into the ConfigMap
     assert not [key for key in settings_map(resources) if key.endswith("API_KEY")]
+    # the internal token: the same Secret key for the router and every service it calls
+    for name in ("router", "classifier", "retriever", "generator"):
+        (container,) = pod_spec(named(resources, "Deployment", name))["containers"]
+        refs = {
+            item["name"]: item["valueFrom"]["secretKeyRef"]
+            for item in container.get("env", [])
+            if "secretKeyRef" in item.get("valueFrom", {})
+        }
+        assert refs["MMEDRAG_INTERNAL_TOKEN"] == {
+            "name": "mmedrag-secrets",
+            "key": "internal-token",
+            "optional": True,
+        }, name
+    assert "MMEDRAG_INTERNAL_TOKEN" not in settings_map(resources)
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
