@@ -25,7 +25,12 @@ def build_app(settings: ClassifierSettings | None = None, service: DomainClassif
     or broken artifact stops start-up with an ``ArtifactError`` naming the file.
     """
     settings = settings or ClassifierSettings()
-    classifier = service or DomainClassifier(threshold=settings.threshold, batch_size=settings.batch_size)
+    classifier = service or DomainClassifier(
+        threshold=settings.threshold,
+        batch_size=settings.batch_size,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -49,5 +54,6 @@ def build_app(settings: ClassifierSettings | None = None, service: DomainClassif
     )
     app.state.settings = settings
     app.state.classifier = classifier
+    classifier.attach_metrics(app.state.metrics.registry)
     app.include_router(router)
     return app

@@ -4,6 +4,11 @@ The paper fine-tunes BiomedCLIP image features on a small domain-labelled set; h
 open_clip model and the head is trained by ``training`` (``save_classifier``). In production an image
 of none of the known domains must not be forced into one, so every answer carries the full
 distribution and whether the top probability reaches the threshold.
+
+Concurrent requests share a forward pass: ``classify`` preprocesses its images in the caller's thread
+(resizing a 512 px image costs ten times the tower's share of a batch, so it must not run serially in
+the batch) and hands the pixel tensors to a ``MicroBatcher`` (``services.common.batching``) that gathers
+up to ``max_batch`` of them or waits ``max_wait_s``; ``max_batch=1`` runs every request on its own.
 """
 
 from __future__ import annotations
@@ -13,12 +18,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
 import PIL.Image
 import torch
+from prometheus_client import CollectorRegistry
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from services.common.artifacts import CLASSIFIER_DIR, ArtifactError, read_json, require_file, sha256_file
+from services.common.batching import BatchMetrics, MicroBatcher
 from services.common.clip import ClipModel
 from services.common.errors import NotReady
 
@@ -61,11 +69,23 @@ class DomainClassifier:
     Args:
         threshold: overrides the artifact's confidence threshold when not None.
         batch_size: images per forward pass of the image tower.
+        max_batch: most images of concurrent requests gathered into one call (1 = no micro-batching).
+        max_wait_s: how long an image waits for others before its batch starts anyway.
     """
 
-    def __init__(self, *, threshold: float | None = None, batch_size: int = 32):
+    def __init__(
+        self,
+        *,
+        threshold: float | None = None,
+        batch_size: int = 32,
+        max_batch: int = 16,
+        max_wait_s: float = 0.002,
+    ):
         self.threshold_override = threshold
         self.batch_size = batch_size
+        self.batcher: MicroBatcher[torch.Tensor, Classification] = MicroBatcher(
+            self._classify_pixels, max_batch=max_batch, max_wait_s=max_wait_s, name="classify"
+        )
         self.ready = False
         self.clip: ClipModel | None = None
         self.head: torch.nn.Linear | None = None
@@ -125,16 +145,43 @@ class DomainClassifier:
             self.threshold,
         )
 
+    def attach_metrics(self, registry: CollectorRegistry) -> None:
+        """Export batch sizes, waits and queue depth on an app's registry."""
+        self.batcher.attach_metrics(BatchMetrics.on(registry, service="classifier"))
+
     def classify(self, images: list[PIL.Image.Image]) -> list[Classification]:
-        """One ``Classification`` per image, computed in batches."""
+        """One ``Classification`` per image; blocks (call it from a worker thread) while concurrent
+        callers' images join the same forward pass."""
         if not self.ready:
             raise NotReady("the classifier is still loading")
-        return self._classify(images)
+        return self.batcher.submit_blocking(self._pixels(images))
+
+    async def aclassify(self, image: PIL.Image.Image) -> Classification:
+        """One image's ``Classification`` from a coroutine, without holding a worker thread while queued."""
+        if not self.ready:
+            raise NotReady("the classifier is still loading")
+        [pixels] = await anyio.to_thread.run_sync(self._pixels, [image])
+        return await self.batcher.submit(pixels)
+
+    def _pixels(self, images: list[PIL.Image.Image]) -> list[torch.Tensor]:
+        assert self.clip is not None
+        return [self.clip.preprocess(image) for image in images]
 
     def _classify(self, images: list[PIL.Image.Image]) -> list[Classification]:
+        return self._classify_pixels(self._pixels(images))
+
+    def _classify_pixels(self, pixels: list[torch.Tensor]) -> list[Classification]:
+        """The batched step: image tower (in chunks of ``batch_size``), head, softmax."""
         assert self.clip is not None and self.head is not None
-        features = self.clip.image_features(images)
         with torch.inference_mode():
+            features = torch.cat(
+                [
+                    self.clip.model.encode_image(
+                        torch.stack(pixels[start : start + self.batch_size]), normalize=True
+                    )
+                    for start in range(0, len(pixels), self.batch_size)
+                ]
+            ).float()
             probabilities = torch.softmax(self.head(features), dim=-1).double()
         results = []
         for row in probabilities.tolist():

@@ -27,6 +27,19 @@ class ClassifierSettings(ServiceSettings):
         20 * 1024 * 1024, ge=1, description="Largest accepted upload, in bytes (larger: 413)."
     )
     batch_size: int = Field(32, ge=1, le=1024, description="Images per forward pass of the image tower.")
+    max_batch: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Micro-batching: most concurrent requests gathered into one forward pass "
+        "(1 = off: every request runs its own).",
+    )
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Micro-batching: how long a request waits for others to share its forward pass.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (torch.set_num_threads); unset = torch's default."
     )

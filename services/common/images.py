@@ -54,11 +54,13 @@ from services.common.errors import (
 
 __all__ = [
     "ACCEPTED_FORMATS",
+    "NORMALISED_MAX_SIDE",
     "DecodedImage",
     "ImageLimits",
     "decode_data_url",
     "decode_image",
     "encode_png",
+    "normalise",
     "sniff_format",
     "to_data_url",
 ]
@@ -496,6 +498,35 @@ def encode_png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# Longest side of the image the router sends downstream: above every model's input size (CLIP 224,
+# LLaVA-Med 336), far below a 10 MB upload's.
+NORMALISED_MAX_SIDE = 512
+
+
+def normalise(image: Image.Image, *, max_side: int = NORMALISED_MAX_SIDE) -> bytes:
+    """The compact form of a decoded image that services pass on: 8-bit RGB PNG, longest side at most
+    ``max_side``.
+
+    Decode once at the edge, then send this (tens to hundreds of KB) instead of the original upload (up
+    to tens of MB) to each downstream service. The aspect ratio is kept (the short side never drops
+    below the decoder's minimum side, so the result is always accepted again); smaller images are not
+    enlarged, only re-encoded.
+    """
+    if max_side < 1:
+        raise ValueError(f"max_side must be at least 1, got {max_side}")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    longest = max(rgb.size)
+    if longest > max_side:
+        floor = ImageLimits().min_side
+        width, height = (
+            max(min(side, floor), round(side * max_side / longest)) if side != longest else max_side
+            for side in rgb.size
+        )
+        # reducing_gap: a cheap integer reduction first, then the filter; much faster on huge images
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return encode_png(rgb)
 
 
 def to_data_url(png_bytes: bytes) -> str:

@@ -2,8 +2,16 @@
 
 The request is checked the way vLLM checks it (served model name, one image per prompt, no remote media,
 context length), the conversation goes through the model folder's own chat template, and generation runs
-in a worker thread under a lock: one generation at a time, so concurrent requests never share the
-model's state or the global RNG that seeded sampling uses.
+in a worker thread under a lock: one ``generate`` call at a time, so requests never share the model's
+state or the global RNG that seeded sampling uses.
+
+Static batching: requests that wait for the model are run together as one left-padded ``generate``
+(``services.common.batching``). Only requests with the same sampling parameters share a batch: all
+greedy requests together, unseeded sampling by (temperature, top_p), and a seeded request always alone
+(its sample must not depend on its neighbours). Each row keeps its own ``max_tokens`` (the batch runs to
+the largest; a row stops at its own), stop strings and logprobs. vLLM's continuous batching (rows join
+and leave at every step) is what production runs; this is the simple form for a CPU. ``max_batch=1``
+turns it off.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +28,7 @@ from typing import Any, Literal
 import anyio
 import torch
 from PIL import Image
+from prometheus_client import CollectorRegistry
 from transformers import (
     AutoProcessor,
     GenerationConfig,
@@ -29,6 +38,7 @@ from transformers import (
 )
 
 from services.common.artifacts import ArtifactError, read_json, require_file
+from services.common.batching import BatchMetrics, MicroBatcher
 from services.common.errors import InvalidInput, NotFound, NotReady
 from services.common.images import ImageLimits, decode_data_url
 from services.common.threads import torch_threads
@@ -75,6 +85,25 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class _Job:
+    """One request, preprocessed and checked, waiting for the model."""
+
+    inputs: dict[str, torch.Tensor]  # the processor's output for this request alone (batch of 1)
+    prompt_len: int
+    params: SamplingParams
+
+
+def _batch_key(job: _Job) -> Hashable:
+    """Requests with equal keys may share one ``generate`` call."""
+    params = job.params
+    if params.temperature <= 0:
+        return ("greedy",)
+    if params.seed is not None:
+        return object()  # equal to no other key: a seeded sample is reproducible only when run alone
+    return ("sample", params.temperature, params.top_p)
+
+
+@dataclass(frozen=True)
 class Generation:
     text: str
     finish_reason: Literal["stop", "length"]
@@ -83,18 +112,44 @@ class Generation:
     logprobs: list[TokenLogprob] | None
 
 
-class _StopOnStrings(StoppingCriteria):
-    """Stopping criterion: the decoded new text contains one of the stop strings."""
+class _RowStops(StoppingCriteria):
+    """Per-row stopping: a row is done at its own ``max_tokens`` or when its new text holds a stop string.
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_len: int):
+    Rows of a batch differ in both; ``generate`` pads a finished row from then on and stops when every
+    row is done.
+    """
+
+    def __init__(self, tokenizer: Any, rows: Sequence[SamplingParams], prompt_width: int):
         self.tokenizer = tokenizer
-        self.stops = stops
-        self.prompt_len = prompt_len
+        self.rows = rows
+        self.prompt_width = prompt_width
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.Tensor:
-        text = self.tokenizer.decode(input_ids[0, self.prompt_len :], skip_special_tokens=True)
-        done = any(stop in text for stop in self.stops)
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        generated = input_ids.shape[1] - self.prompt_width
+        done = []
+        for row, params in zip(input_ids, self.rows, strict=True):
+            finished = generated >= params.max_tokens
+            if not finished and params.stop:
+                text = self.tokenizer.decode(row[self.prompt_width :], skip_special_tokens=True)
+                finished = any(stop in text for stop in params.stop)
+            done.append(finished)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _collate(jobs: Sequence[_Job], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad the requests' token rows into one batch (the new tokens then line up on the right)."""
+    width = max(job.prompt_len for job in jobs)
+    batch: dict[str, torch.Tensor] = {}
+    for name in jobs[0].inputs:
+        tensors = [job.inputs[name] for job in jobs]
+        if name == "input_ids" or name.endswith("attention_mask") or name.endswith("token_type_ids"):
+            fill = pad_token_id if name == "input_ids" else 0
+            tensors = [
+                torch.nn.functional.pad(t, (width - t.shape[-1], 0), value=fill) if t.shape[-1] < width else t
+                for t in tensors
+            ]
+        batch[name] = torch.cat(tensors, dim=0)
+    return batch
 
 
 def _first_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -114,6 +169,8 @@ class GeneratorService:
         torch_threads: intra-op threads while generating (None: the process setting).
         image_limits: size and pixel limits of the decoded image.
         artifacts_root: named in the hint of an ArtifactError.
+        max_batch: most waiting requests run as one ``generate`` (1 = one request at a time).
+        max_wait_s: how long a request waits for others before its batch starts anyway.
     """
 
     def __init__(
@@ -126,6 +183,8 @@ class GeneratorService:
         torch_threads: int | None = None,
         image_limits: ImageLimits | None = None,
         artifacts_root: Path | None = None,
+        max_batch: int = 8,
+        max_wait_s: float = 0.005,
     ):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
@@ -141,9 +200,24 @@ class GeneratorService:
         self.max_model_len = 0
         self.loaded_at: int | None = None
         self._lock = threading.Lock()
+        # Preprocessing runs in the callers' threads, overlapping generation; one at a time, because a
+        # Hugging Face fast tokenizer must not be reconfigured by two threads at once.
+        self._processor_lock = threading.Lock()
         self._counts_lock = threading.Lock()
-        self.waiting = 0  # requests queued for the model (vLLM's num_requests_waiting)
-        self.running = 0
+        self._waiting_for_lock = 0
+        self.running = 0  # requests being generated now
+        self.batcher: MicroBatcher[_Job, Generation] = MicroBatcher(
+            self._run_jobs, max_batch=max_batch, max_wait_s=max_wait_s, name="generate", key=_batch_key
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the model (vLLM's num_requests_waiting)."""
+        return self._waiting_for_lock + self.batcher.queue_depth
+
+    def attach_metrics(self, registry: CollectorRegistry) -> None:
+        """Export batch sizes, waits and queue depth on an app's registry."""
+        self.batcher.attach_metrics(BatchMetrics.on(registry, service="generator"))
 
     @classmethod
     def from_settings(cls, settings: GeneratorSettings) -> GeneratorService:
@@ -154,6 +228,8 @@ class GeneratorService:
             dtype=settings.dtype,
             torch_threads=settings.torch_threads,
             artifacts_root=settings.artifacts,
+            max_batch=settings.max_batch,
+            max_wait_s=settings.max_wait_ms / 1000,
         )
 
     @property
@@ -295,7 +371,11 @@ class GeneratorService:
         decoded = await anyio.to_thread.run_sync(decode_data_url, url, self.image_limits)
         conversation = [message.template_dict() for message in request.messages]
         started = time.perf_counter()
-        generation = await anyio.to_thread.run_sync(self.generate, conversation, decoded.image, params)
+        if self.batcher.enabled:
+            job = await anyio.to_thread.run_sync(self.prepare, conversation, decoded.image, params)
+            generation = await self.batcher.submit(job)  # waits without holding a worker thread
+        else:
+            generation = await anyio.to_thread.run_sync(self.generate, conversation, decoded.image, params)
         logger.info(
             "request %s: %d prompt + %d completion tokens, finish %s, %.2fs",
             request_id,
@@ -325,60 +405,94 @@ class GeneratorService:
     def generate(
         self, conversation: list[dict[str, Any]], image: Image.Image, params: SamplingParams
     ) -> Generation:
-        """Blocking generation of one answer; callers in an event loop run it in a worker thread."""
+        """Blocking generation of one answer (batched with concurrent callers' when batching is on);
+        callers in an event loop run it in a worker thread."""
+        self._require_ready()
+        [generation] = self.batcher.submit_blocking([self.prepare(conversation, image, params)])
+        return generation
+
+    def prepare(self, conversation: list[dict[str, Any]], image: Image.Image, params: SamplingParams) -> _Job:
+        """Render and preprocess one request and check its context length, before it queues."""
         self._require_ready()
         text = self.render(conversation)
+        with self._processor_lock:
+            inputs = self.processor(text=[text], images=[image], return_tensors="pt")
+        prompt_len = int(inputs["input_ids"].shape[1])
+        self._check_context(prompt_len, params.max_tokens)
+        return _Job(inputs=dict(inputs), prompt_len=prompt_len, params=params)
+
+    def _run_jobs(self, jobs: list[_Job]) -> list[Generation]:
+        """Generate a batch of compatible requests, in chunks that fit the context window."""
+        results: list[Generation] = []
+        chunk: list[_Job] = []
+        for job in jobs:
+            candidate = [*chunk, job]
+            width = max(j.prompt_len for j in candidate) + max(j.params.max_tokens for j in candidate)
+            if chunk and width > self.max_model_len:
+                results.extend(self._generate_rows(chunk))
+                candidate = [job]
+            chunk = candidate
+        results.extend(self._generate_rows(chunk))
+        return results
+
+    def _generate_rows(self, jobs: list[_Job]) -> list[Generation]:
+        """One ``generate`` call for the rows (same sampling parameters, see ``_batch_key``)."""
         tokenizer = self.processor.tokenizer
         eos_ids = self._eos_ids()
-        with self._model_slot():
-            inputs = self.processor(text=[text], images=[image], return_tensors="pt")
-            prompt_len = int(inputs["input_ids"].shape[1])
-            self._check_context(prompt_len, params.max_tokens)
-            sampling = params.temperature > 0
+        first = jobs[0].params
+        sampling = first.temperature > 0
+        logprobs = any(job.params.logprobs for job in jobs)
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+        with self._model_slot(len(jobs)):
+            inputs = _collate(jobs, pad_token_id)
+            width = int(inputs["input_ids"].shape[1])
             config = GenerationConfig(
-                max_new_tokens=params.max_tokens,
+                max_new_tokens=max(job.params.max_tokens for job in jobs),
                 do_sample=sampling,
-                temperature=params.temperature if sampling else 1.0,
-                top_p=params.top_p if sampling else 1.0,
+                temperature=first.temperature if sampling else 1.0,
+                top_p=first.top_p if sampling else 1.0,
                 eos_token_id=sorted(eos_ids),
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_token_id,
                 bos_token_id=tokenizer.bos_token_id,
                 # the model must never write an image placeholder (it would need pixels to mean anything)
                 suppress_tokens=[self.processor.image_token_id],
                 return_dict_in_generate=True,
-                output_logits=params.logprobs,
+                output_logits=logprobs,
             )
-            stopping = StoppingCriteriaList(
-                [_StopOnStrings(tokenizer, params.stop, prompt_len)] if params.stop else []
-            )
+            stopping = StoppingCriteriaList([_RowStops(tokenizer, [job.params for job in jobs], width)])
+            seeded = len(jobs) == 1 and first.seed is not None
             with (
                 torch_threads(self.torch_threads),
-                torch.random.fork_rng(devices=[], enabled=params.seed is not None),
+                torch.random.fork_rng(devices=[], enabled=seeded),
                 torch.inference_mode(),
             ):
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
+                if seeded:
+                    torch.manual_seed(first.seed)
                 output = self.model.generate(**inputs, generation_config=config, stopping_criteria=stopping)
-        new_ids = output.sequences[0, prompt_len:].tolist()
-        return self._finish(new_ids, output.logits if params.logprobs else None, params, prompt_len, eos_ids)
+        generations = []
+        for row, job in enumerate(jobs):
+            new_ids = output.sequences[row, width:].tolist()[: job.params.max_tokens]
+            row_logits = [step[row] for step in output.logits] if job.params.logprobs else None
+            generations.append(self._finish(new_ids, row_logits, job.params, job.prompt_len, eos_ids))
+        return generations
 
     @contextmanager
-    def _model_slot(self) -> Iterator[None]:
+    def _model_slot(self, rows: int) -> Iterator[None]:
         """Hold the model alone; counts requests waiting for it and running on it (for metrics)."""
         with self._counts_lock:
-            self.waiting += 1
+            self._waiting_for_lock += rows
         try:
             self._lock.acquire()
         finally:
             with self._counts_lock:
-                self.waiting -= 1
+                self._waiting_for_lock -= rows
         try:
             with self._counts_lock:
-                self.running += 1
+                self.running += rows
             yield
         finally:
             with self._counts_lock:
-                self.running -= 1
+                self.running -= rows
             self._lock.release()
 
     def _eos_ids(self) -> set[int]:
@@ -400,12 +514,16 @@ class GeneratorService:
     def _finish(
         self,
         new_ids: list[int],
-        logits: Sequence[torch.Tensor] | None,
+        logits: Sequence[torch.Tensor] | None,  # one row of scores per generated token
         params: SamplingParams,
         prompt_len: int,
         eos_ids: set[int],
     ) -> Generation:
-        """Cut at EOS or the first stop string; count tokens; pair each kept token with its logprobs."""
+        """Cut at EOS or the first stop string; count tokens; pair each kept token with its logprobs.
+
+        ``new_ids`` may end in padding after the row finished (batch mates went on); EOS, the stop
+        string or ``max_tokens`` (the caller cuts there) always comes first.
+        """
         tokenizer = self.processor.tokenizer
         finish: Literal["stop", "length"] = "length"
         end = next((i for i, token in enumerate(new_ids) if token in eos_ids), None)
@@ -428,7 +546,7 @@ class GeneratorService:
         token_logprobs = None
         if logits is not None:
             token_logprobs = [
-                self._token_logprob(token, step_logits[0], params.top_logprobs)
+                self._token_logprob(token, step_logits, params.top_logprobs)
                 for token, step_logits in zip(content_ids, logits, strict=False)
             ]
         return Generation(

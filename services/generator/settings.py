@@ -44,6 +44,19 @@ class GeneratorSettings(ServiceSettings):
         ge=1,
         description="Intra-op CPU threads while generating (default: torch's choice); 1 suits tiny models.",
     )
+    max_batch: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Static batching: most waiting requests (same sampling parameters) run as one generate "
+        "call (1 = off: one request at a time).",
+    )
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="Static batching: how long a request waits for others before its batch starts anyway.",
+    )
 
     @property
     def model_folder(self) -> Path:

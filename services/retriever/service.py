@@ -5,12 +5,13 @@ sidecar, a sidecar for another domain, a collection that is missing, empty, of a
 built by another retriever (the sha256 of the retriever weights is stored with the collection by
 ``mmedrag index``). Each error names what is wrong and the command that fixes it.
 
-Concurrent queries of one domain share a forward pass of its image tower (``ImageBatcher``).
+Concurrent queries of one domain share a forward pass of its image tower (``ImageBatcher``, from
+``services.common.batching``; ``batch_size=1`` turns it off); ``attach_metrics`` exports its batch sizes,
+waits and queue depth.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,9 +22,11 @@ from typing import Any, Protocol
 import anyio.to_thread
 import numpy as np
 import PIL.Image
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from services.common.artifacts import INDEX_DIR, RETRIEVERS_DIR, ArtifactError, collection_name, read_json
+from services.common.batching import BatchMetrics, ImageBatcher
 from services.common.clip import ClipModel
 from services.common.errors import (
     DependencyTimeout,
@@ -59,62 +62,6 @@ class ImageEncoder(Protocol):
 
 
 EncoderLoader = Callable[..., ImageEncoder]  # (folder, *, root) -> encoder
-
-
-class ImageBatcher:
-    """Coalesces concurrent ``encode`` calls into one ``encode_images`` call in a worker thread.
-
-    A call waits at most ``max_wait_s`` for others to join; a batch is sent as soon as it holds
-    ``max_batch`` images. State lives only while calls are pending, so the batcher works under any
-    event loop (each test's included).
-    """
-
-    def __init__(
-        self,
-        encode_images: Callable[[list[PIL.Image.Image]], np.ndarray],
-        *,
-        max_batch: int = 16,
-        max_wait_s: float = 0.002,
-    ):
-        self._encode_images = encode_images
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self._pending: list[tuple[PIL.Image.Image, asyncio.Future[np.ndarray]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def encode(self, image: PIL.Image.Image) -> np.ndarray:
-        """The image's embedding (one row)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending.append((image, future))
-        if len(self._pending) >= self.max_batch:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_wait_s, self._flush)
-        return await future
-
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        batch, self._pending = self._pending, []
-        if batch:
-            task = asyncio.get_running_loop().create_task(self._run(batch))
-            self._tasks.add(task)  # keep a reference until done
-            task.add_done_callback(self._tasks.discard)
-
-    async def _run(self, batch: list[tuple[PIL.Image.Image, asyncio.Future[np.ndarray]]]) -> None:
-        try:
-            vectors = await anyio.to_thread.run_sync(self._encode_images, [image for image, _ in batch])
-        except Exception as exc:  # every waiter gets the error; the API's handler logs it
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), vector in zip(batch, vectors, strict=True):
-            if not future.done():  # a caller may have gone (client disconnected)
-                future.set_result(vector)
 
 
 @dataclass
@@ -173,6 +120,13 @@ class RetrieverService:
         self._load_encoder = load_encoder
         self.retrievers: dict[str, DomainRetriever] = {}
         self.ready = False
+        self._batch_metrics: BatchMetrics | None = None
+
+    def attach_metrics(self, registry: CollectorRegistry) -> None:
+        """Export the domains' batching metrics on an app's registry (before or after ``load``)."""
+        self._batch_metrics = BatchMetrics.on(registry, service="retriever")
+        for retriever in self.retrievers.values():
+            retriever.batcher.attach_metrics(self._batch_metrics)
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -255,6 +209,8 @@ class RetrieverService:
             encoder.encode_images,
             max_batch=self.settings.batch_size,
             max_wait_s=self.settings.batch_wait_ms / 1000,
+            name=domain,
+            metrics=self._batch_metrics,
         )
         return DomainRetriever(domain, info.name, encoder, sidecar, info, batcher)
 
@@ -280,6 +236,8 @@ class RetrieverService:
 
     def close(self) -> None:
         self.ready = False
+        for retriever in self.retrievers.values():
+            retriever.batcher.close()
         if self.store is not None and self._owns_store:
             self.store.close()
             self.store = None

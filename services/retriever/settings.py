@@ -14,6 +14,7 @@ from services.retriever.selection import (
     DEFAULT_RATIO_THRESHOLD,
     SelectionStrategy,
 )
+from services.retriever.store import ExactIndexMode
 from training.data.records import DOMAINS, Domain
 
 
@@ -34,6 +35,12 @@ class RetrieverSettings(ServiceSettings):
     qdrant_timeout_s: float = Field(10.0, gt=0, description="Deadline of one Qdrant server call.")
     qdrant_wait_s: float = Field(
         30.0, ge=0, description="At start-up, how long to wait for the Qdrant server to become reachable."
+    )
+    exact_index: ExactIndexMode = Field(
+        "auto",
+        description="Search through an in-memory exact index (float32 matrix loaded from the collection; "
+        "same results as Qdrant's exact search, recall 1.0): auto = for the embedded store only (a server "
+        "keeps its HNSW index), on = also for a server, off = always ask Qdrant.",
     )
     domains: Annotated[tuple[Domain, ...], NoDecode] = Field(
         DOMAINS,

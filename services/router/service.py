@@ -1,7 +1,9 @@
 """The MMed-RAG pipeline behind ``/vqa`` and ``/report``: decode → classify → retrieve → prompt → generate.
 
-The upload is decoded and validated once; the classifier, retriever and generator then receive the same
-normalised PNG (the generator as a base64 data URL: the router never forwards a user URL).
+The upload is decoded and validated once, then normalised (``services.common.images.normalise``: 8-bit RGB
+PNG, longest side at most ``NORMALISED_MAX_SIDE``); the classifier, retriever and generator all receive
+that compact PNG (the generator as a base64 data URL: the router never forwards a user URL), not
+the original upload three times.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import anyio
 
 from services.common.answers import parse_yes_no
 from services.common.errors import DependencyTimeout, DependencyUnavailable, InvalidInput, UnprocessableImage
-from services.common.images import ImageLimits, decode_image, encode_png, to_data_url
+from services.common.images import (
+    NORMALISED_MAX_SIDE,
+    DecodedImage,
+    ImageLimits,
+    decode_image,
+    normalise,
+    to_data_url,
+)
 from services.common.prompts import build_prompt
 from services.router.dependencies import ClassifierClient, GeneratorClient, RetrieverClient
 from services.router.protocol import DomainInfo, Evidence, RAGResponse, RetrievalInfo, RetrievalMode
@@ -38,6 +47,12 @@ class RAGRequest:
     gamma: float | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+
+
+def decode_and_normalise(data: bytes, limits: ImageLimits, max_side: int) -> tuple[DecodedImage, bytes]:
+    """Validate and decode the upload once, and make the one compact PNG every dependency receives."""
+    decoded = decode_image(data, limits)
+    return decoded, normalise(decoded.image, max_side=max_side)
 
 
 @dataclass
@@ -95,8 +110,13 @@ class RAGPipeline:
         self.validate(request)
         clock = _Clock()
         warnings: list[str] = []
-        decoded = await anyio.to_thread.run_sync(decode_image, request.image, self.limits)
-        png = await anyio.to_thread.run_sync(encode_png, decoded.image)
+        decoded, png = await anyio.to_thread.run_sync(
+            # the longest side sent downstream; to become the router setting ``normalised_max_side``
+            decode_and_normalise,
+            request.image,
+            self.limits,
+            NORMALISED_MAX_SIDE,
+        )
         warnings.extend(decoded.warnings)
         mark = clock.stage("decode", clock.started)
 
