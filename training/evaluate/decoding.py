@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from training.pairs.noise import DIFFUSION_STEPS, diffuse
+from services.common.noise import DIFFUSION_STEPS, diffuse
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -41,11 +41,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.common.noise import DEFAULT_NOISE_SEED, DEFAULT_NOISE_STEP
 from services.common.prompts import IMAGE_TOKEN, Task
 from training.data.records import DOMAINS, PreferencePair
 from training.pairs.noise import (
-    DEFAULT_NOISE_SEED,
-    DEFAULT_NOISE_STEP,
     NoiseImage,
     NoiseKind,
     write_noise_images,

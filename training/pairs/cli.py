@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from services.common.artifacts import GENERATOR_DIR
+from services.common.noise import DEFAULT_NOISE_SEED, DEFAULT_NOISE_STEP, DIFFUSION_STEPS
 from training.dpo.defaults import BASE_DIR
-from training.pairs.noise import DEFAULT_NOISE_SEED, DEFAULT_NOISE_STEP, DIFFUSION_STEPS, NoiseKind
+from training.pairs.noise import NoiseKind
 from training.pairs.rules import DEFAULT_CM_RATIO
 from training.pairs.runner import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY, DEFAULT_MAX_NEW_TOKENS, TASKS
 

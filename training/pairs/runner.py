@@ -14,7 +14,10 @@ Two interchangeable generators (``Generator``):
 - ``InProcessGenerator``: transformers ``LlavaForConditionalGeneration`` from a model folder, batched
   (left padding), greedy, ``max_new_tokens``; what the generator service does for one request, done for a
   batch: the image placeholder token is suppressed, the answer is cut at the first EOS and decoded without
-  special tokens.
+  special tokens. For the evaluator it can also return the first generated token's top log-probabilities
+  (``top_logprobs``, as the generator service computes them: log-softmax of the raw logits) and decode
+  with another strategy (``decoding``: beam search, VCD, DoLa through
+  ``training.evaluate.decoding.decode_batch``); ``generate_full`` returns both as ``Generation``.
 - ``HttpGenerator``: any OpenAI-compatible server (``services/generator`` or ``vllm serve``) through the
   ``openai`` client, ``temperature=0`` and a fixed ``seed``, at most ``concurrency`` requests in flight.
 
@@ -31,8 +34,9 @@ service ranks) and ``HttpRetriever`` (``POST /retrieve`` with ``k_max=1``, ``str
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -139,14 +143,29 @@ def _unique(requests: Sequence[GenerationRequest]) -> tuple[list[GenerationReque
     return list(position), index
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer and, when asked for, its first token's top log-probabilities."""
+
+    text: str
+    # token text -> log-probability at the first generated position (empty unless top_logprobs > 0,
+    # or a decoding strategy returned them)
+    first_token_logprobs: dict[str, float] = field(default_factory=dict)
+
+
 class InProcessGenerator:
     """A LLaVA folder loaded with transformers; batched greedy generation with left padding.
 
     Args:
         folder: Hugging Face LLaVA folder (``artifacts/generator``).
         batch_size: requests per ``generate`` call.
-        max_new_tokens: the longest answer.
+        max_new_tokens: the longest answer (``generate(..., max_new_tokens=n)`` overrides it per call).
         threads: torch intra-op threads while generating (None: the process setting).
+        top_logprobs: how many top log-probabilities of the first generated token ``generate_full``
+            returns (0: none; greedy path only, a ``decoding`` strategy returns its own).
+        decoding: a ``training.evaluate.decoding.DecodingConfig``; None: greedy ``model.generate`` here.
+            Given, every batch goes through ``decode_batch`` (beam, VCD, DoLa, or its greedy).
+        seed: seed passed to ``decode_batch`` (strategies that draw noise, e.g. VCD).
     """
 
     def __init__(
@@ -156,12 +175,17 @@ class InProcessGenerator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         threads: int | None = None,
+        top_logprobs: int = 0,
+        decoding: Any | None = None,
+        seed: int = DEFAULT_SEED,
     ):
         import torch
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         if batch_size < 1 or max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {top_logprobs}")
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():
             raise FileNotFoundError(
@@ -172,6 +196,9 @@ class InProcessGenerator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.threads = threads
+        self.top_logprobs = top_logprobs
+        self.decoding = decoding
+        self.seed = seed
         self.processor = AutoProcessor.from_pretrained(self.folder, local_files_only=True)
         self.processor.tokenizer.padding_side = "left"
         self.model = LlavaForConditionalGeneration.from_pretrained(
@@ -182,6 +209,7 @@ class InProcessGenerator:
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos) if isinstance(eos, list) else {int(eos)}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.pad_id = int(pad)
         from transformers import GenerationConfig
 
         self.generation_config = GenerationConfig(
@@ -194,34 +222,101 @@ class InProcessGenerator:
             suppress_tokens=[self.processor.image_token_id],
         )
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[str]:
-        """One padded batch through ``model.generate``; answers cut at the first EOS."""
+    def _cut(self, row: Sequence[int]) -> str:
+        """The answer of one generated row: up to the first EOS, without special tokens."""
+        end = next((i for i, token in enumerate(row) if token in self.eos_ids), len(row))
+        return self.processor.tokenizer.decode(list(row[:end]), skip_special_tokens=True)
+
+    def _top_logprobs(self, logits: Any) -> dict[str, float]:
+        """Top log-probabilities of one position's raw logits, by token text (as the generator service)."""
+        import torch
+
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        values, indices = torch.topk(logprobs, min(self.top_logprobs, logprobs.shape[-1]))
+        tokenizer = self.processor.tokenizer
+        result: dict[str, float] = {}
+        for value, index in zip(values.tolist(), indices.tolist(), strict=True):
+            text = tokenizer.decode([index], skip_special_tokens=False)
+            result[text] = float(np.logaddexp(result[text], value)) if text in result else float(value)
+        return result
+
+    def generate_batch_full(
+        self, requests: Sequence[GenerationRequest], *, max_new_tokens: int | None = None
+    ) -> list[Generation]:
+        """One padded batch; answers cut at the first EOS, with first-token log-probabilities if asked."""
         import torch
 
         texts = [render_conversation(request.prompt) for request in requests]
         images = [load_image(request.image) for request in requests]
-        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        with torch_threads(self.threads), torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=self.generation_config)
-        prompt_len = int(inputs["input_ids"].shape[1])
-        answers = []
-        for row in output[:, prompt_len:].tolist():
-            end = next((i for i, token in enumerate(row) if token in self.eos_ids), len(row))
-            answers.append(self.processor.tokenizer.decode(row[:end], skip_special_tokens=True))
-        return answers
+        limit = max_new_tokens or self.max_new_tokens
+        if self.decoding is not None:
+            from training.evaluate.decoding import decode_batch
 
-    def generate(self, requests: Sequence[GenerationRequest], *, progress: bool = False) -> list[str]:
-        """All answers, in request order; duplicates are generated once, batches group similar lengths."""
+            with torch_threads(self.threads):
+                decoded = decode_batch(
+                    self.model,
+                    self.processor,
+                    texts,
+                    images,
+                    config=self.decoding,
+                    max_new_tokens=limit,
+                    eos_ids=sorted(self.eos_ids),
+                    pad_id=self.pad_id,
+                    suppress_ids=(self.processor.image_token_id,),
+                    seed=self.seed,
+                )
+            return [Generation(d.text, dict(d.first_token_logprobs)) for d in decoded]
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        config = copy.deepcopy(self.generation_config)
+        config.max_new_tokens = limit
+        config.return_dict_in_generate = True
+        config.output_logits = self.top_logprobs > 0
+        with torch_threads(self.threads), torch.inference_mode():
+            output = self.model.generate(**inputs, generation_config=config)
+        prompt_len = int(inputs["input_ids"].shape[1])
+        generations = []
+        for i, row in enumerate(output.sequences[:, prompt_len:].tolist()):
+            first = self._top_logprobs(output.logits[0][i]) if self.top_logprobs > 0 and row else {}
+            generations.append(Generation(self._cut(row), first))
+        return generations
+
+    def generate_batch(
+        self, requests: Sequence[GenerationRequest], *, max_new_tokens: int | None = None
+    ) -> list[str]:
+        """One padded batch through ``model.generate``; answers cut at the first EOS."""
+        return [g.text for g in self.generate_batch_full(requests, max_new_tokens=max_new_tokens)]
+
+    def generate_full(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        progress: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> list[Generation]:
+        """All generations, in request order; duplicates are generated once, batches group similar lengths."""
         unique, index = _unique(requests)
         order = sorted(range(len(unique)), key=lambda i: len(unique[i].prompt))
-        answers: list[str] = [""] * len(unique)
+        results: list[Generation] = [Generation("")] * len(unique)
         with tqdm(total=len(unique), desc="generating", unit="gen", disable=not progress) as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start : start + self.batch_size]
-                for i, answer in zip(batch, self.generate_batch([unique[i] for i in batch]), strict=True):
-                    answers[i] = answer
+                chunk = [unique[i] for i in batch]
+                generated = self.generate_batch_full(chunk, max_new_tokens=max_new_tokens)
+                for i, generation in zip(batch, generated, strict=True):
+                    results[i] = generation
                 bar.update(len(batch))
-        return [answers[i] for i in index]
+        return [results[i] for i in index]
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest],
+        *,
+        progress: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """All answers, in request order; duplicates are generated once, batches group similar lengths."""
+        generations = self.generate_full(requests, progress=progress, max_new_tokens=max_new_tokens)
+        return [g.text for g in generations]
 
 
 class HttpGenerator:

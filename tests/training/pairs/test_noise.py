@@ -10,17 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.pairs.noise import (
-    PURE_NOISE_MEAN,
-    NoiseKind,
-    alpha_bar,
-    diffusion_noise_image,
-    noise_image_path,
-    pick_source,
-    pure_noise_image,
-    to_unit,
-    write_noise_images,
-)
+from services.common.noise import PURE_NOISE_MEAN, alpha_bar, diffusion_noise_image, pure_noise_image, to_unit
+from training.pairs.noise import NoiseKind, noise_image_path, pick_source, write_noise_images
 
 
 def pattern(seed: int, size: tuple[int, int] = (96, 64)) -> Image.Image:
