@@ -21,7 +21,9 @@ from training.classifier import classifier_cli
 from training.convert_llava_med import convert_llava_med_cli
 from training.data.cli import data_app
 from training.dpo.cli import dpo_cli
+from training.evaluate.ablation import ablation_cli
 from training.evaluate.retrieval import eval_retrieval_cli
+from training.evaluate.run import eval_app
 from training.export import export_cli
 from training.index import index_cli
 from training.pairs.cli import pairs_cli
@@ -53,7 +55,7 @@ train_app.command("classifier")(classifier_cli)
 train_app.command("retriever")(retriever_cli)
 app.add_typer(train_app, name="train")
 
-eval_app = typer.Typer(help="Evaluation: retrieval quality (more to come).", no_args_is_help=True)
+eval_app.command("ablation")(ablation_cli)
 eval_app.command("retrieval")(eval_retrieval_cli)
 app.add_typer(eval_app, name="eval")
 
