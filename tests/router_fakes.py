@@ -32,6 +32,7 @@ RESPONSE_FIELDS = {
     "timings_ms",
     "request_id",
     "warnings",
+    "grounding",
     "disclaimer",
 }
 
@@ -47,6 +48,8 @@ class FakeStack:
         self.classifier_confidence = 0.9
         self.fail: dict[str, Callable[[], httpx.Response]] = {}
         self.answer = "Yes, there is an effusion."
+        # answer as a function of the chat request body (None: always ``answer``)
+        self.answer_for: Callable[[dict[str, Any]], str] | None = None
 
     def classifier(self, request: httpx.Request) -> httpx.Response:
         if "classifier" in self.fail:
@@ -112,7 +115,10 @@ class FakeStack:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": self.answer},
+                        "message": {
+                            "role": "assistant",
+                            "content": self.answer if self.answer_for is None else self.answer_for(body),
+                        },
                         "finish_reason": "stop",
                     }
                 ],

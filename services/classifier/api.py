@@ -52,7 +52,7 @@ async def classify(
         raise
     decoded_at = time.perf_counter()
     metrics.stage.labels(metrics.service, "decode").observe(decoded_at - started)
-    [result] = await anyio.to_thread.run_sync(classifier.classify, [decoded.image])
+    result = await classifier.aclassify(decoded.image)
     metrics.stage.labels(metrics.service, "classify").observe(time.perf_counter() - decoded_at)
     return ClassifyResponse(
         label=result.label,

@@ -51,6 +51,7 @@ def build_app(settings: GeneratorSettings | None = None, service: GeneratorServi
     app.state.settings = settings
     app.state.generator = generator
     _queue_gauges(app, generator)
+    generator.attach_metrics(app.state.metrics.registry)
     app.include_router(v1)
     app.include_router(health)
     return app

@@ -53,5 +53,6 @@ def build_app(settings: RetrieverSettings | None = None, service: RetrieverServi
     )
     app.state.settings = settings
     app.state.retriever = retriever
+    retriever.attach_metrics(app.state.metrics.registry)
     app.include_router(router)
     return app

@@ -143,6 +143,7 @@ class RetrieverService:
             api_key=api_key,
             timeout=settings.qdrant_timeout_s,
             create=False,
+            exact_index=settings.exact_index,
         )
         if store.embedded:
             return store
@@ -203,6 +204,7 @@ class RetrieverService:
                 root=root,
             )
         info = self._check_collection(store, domain, encoder, folder)
+        store.prepare(info.name)  # the exact in-memory index, if used, loads now rather than on a request
         # Warm-up: the first request should not pay for lazy initialisation.
         encoder.encode_images([PIL.Image.new("RGB", (encoder.image_size, encoder.image_size))])
         batcher = ImageBatcher(

@@ -69,6 +69,11 @@ class VQAForm(ReportForm):
     """Options of ``/vqa``: the report options plus the question."""
 
     question: str = Field(min_length=1, description="A closed (yes/no) question about the image.")
+    grounding_check: bool = Field(
+        False,
+        description="Also answer with a noise image and without the references (one generator batch, "
+        "about 3x the generation cost) and report whether the answer depends on the image and on retrieval.",
+    )
 
 
 class RAGMetrics:

@@ -39,6 +39,19 @@ class RetrievalInfo(BaseModel):
     gamma: float | None = None
 
 
+class Grounding(BaseModel):
+    """The paper's misalignment diagnostics for one request (``grounding_check=true`` on ``/vqa``)."""
+
+    image_dependent: bool = Field(
+        description="The answer changes when the image is replaced by noise (same question and references)."
+    )
+    retrieval_changed_answer: bool | None = Field(
+        description="The answer changes when the retrieved reports are left out; null when none were kept."
+    )
+    noise_image_answer: str = Field(description="Parsed answer for the noise image with the references.")
+    no_retrieval_answer: str | None = Field(description="Parsed answer without references (null: none kept).")
+
+
 class RAGResponse(BaseModel):
     """Answer of ``/vqa`` (``answer`` is "yes" or "no") and ``/report`` (``answer`` is the report)."""
 
@@ -51,4 +64,7 @@ class RAGResponse(BaseModel):
     timings_ms: dict[str, float]
     request_id: str
     warnings: list[str] = Field(default_factory=list)
+    grounding: Grounding | None = Field(
+        None, description="Only with grounding_check=true: does the answer depend on the image, on retrieval."
+    )
     disclaimer: str = DISCLAIMER

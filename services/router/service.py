@@ -1,32 +1,44 @@
 """The MMed-RAG pipeline behind ``/vqa`` and ``/report``: decode → classify → retrieve → prompt → generate.
 
 The upload is decoded and validated once, then normalised (``services.common.images.normalise``: 8-bit RGB
-PNG, longest side at most ``NORMALISED_MAX_SIDE``); the classifier, retriever and generator all receive
-that compact PNG (the generator as a base64 data URL: the router never forwards a user URL), not
+PNG, longest side at most the setting ``normalised_max_side``); the classifier, retriever and generator all
+receive that compact PNG (the generator as a base64 data URL: the router never forwards a user URL), not
 the original upload three times.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
+import PIL.Image
 
 from services.common.answers import parse_yes_no
 from services.common.errors import DependencyTimeout, DependencyUnavailable, InvalidInput, UnprocessableImage
 from services.common.images import (
-    NORMALISED_MAX_SIDE,
     DecodedImage,
     ImageLimits,
     decode_image,
+    encode_png,
     normalise,
     to_data_url,
 )
+from services.common.noise import pure_noise_image
 from services.common.prompts import build_prompt
-from services.router.dependencies import ClassifierClient, GeneratorClient, RetrieverClient
-from services.router.protocol import DomainInfo, Evidence, RAGResponse, RetrievalInfo, RetrievalMode
+from services.router.dependencies import ClassifierClient, Generation, GeneratorClient, RetrieverClient
+from services.router.protocol import (
+    DomainInfo,
+    Evidence,
+    Grounding,
+    RAGResponse,
+    RetrievalInfo,
+    RetrievalMode,
+)
 from services.router.settings import RouterSettings
 
 DOMAINS = ("radiology", "ophthalmology", "pathology")
@@ -47,6 +59,12 @@ class RAGRequest:
     gamma: float | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    grounding_check: bool = False
+
+
+def _png_image(png: bytes) -> PIL.Image.Image:
+    with PIL.Image.open(io.BytesIO(png)) as image:
+        return image.convert("RGB")
 
 
 def decode_and_normalise(data: bytes, limits: ImageLimits, max_side: int) -> tuple[DecodedImage, bytes]:
@@ -111,11 +129,7 @@ class RAGPipeline:
         clock = _Clock()
         warnings: list[str] = []
         decoded, png = await anyio.to_thread.run_sync(
-            # the longest side sent downstream; to become the router setting ``normalised_max_side``
-            decode_and_normalise,
-            request.image,
-            self.limits,
-            NORMALISED_MAX_SIDE,
+            decode_and_normalise, request.image, self.limits, self.settings.normalised_max_side
         )
         warnings.extend(decoded.warnings)
         mark = clock.stage("decode", clock.started)
@@ -131,15 +145,27 @@ class RAGPipeline:
         default_tokens = (
             self.settings.max_tokens_vqa if request.task == "vqa" else self.settings.max_tokens_report
         )
-        generation = await self.generator.generate(
-            prompt,
-            to_data_url(png),
-            max_tokens=request.max_tokens or default_tokens,
-            temperature=self.settings.temperature_default
-            if request.temperature is None
-            else request.temperature,
-            request_id=request.request_id,
-        )
+        max_tokens = request.max_tokens or default_tokens
+        temperature = request.temperature
+        if temperature is None:
+            temperature = self.settings.temperature_default
+
+        async def generate(prompt: str, png: bytes) -> Generation:
+            return await self.generator.generate(
+                prompt,
+                to_data_url(png),
+                max_tokens=max_tokens,
+                temperature=temperature,
+                request_id=request.request_id,
+            )
+
+        grounding: Grounding | None = None
+        if request.grounding_check and request.task == "vqa":
+            generation, grounding = await self._with_grounding(
+                request, domain.label, references, png, generate
+            )
+        else:
+            generation = await generate(prompt, png)
         mark = clock.stage("generate", mark)
         clock.timings_ms["total"] = round((mark - clock.started) * 1000, 2)
 
@@ -157,6 +183,38 @@ class RAGPipeline:
             timings_ms=clock.timings_ms,
             request_id=request.request_id,
             warnings=warnings,
+            grounding=grounding,
+        )
+
+    async def _with_grounding(
+        self,
+        request: RAGRequest,
+        domain: str,
+        references: list[str],
+        png: bytes,
+        generate: Callable[[str, bytes], Awaitable[Generation]],
+    ) -> tuple[Generation, Grounding]:
+        """The answer, plus the same question with a noise image and without references, sent together so
+        the generator batches them (our server and vLLM both do). The noise image is the release code's
+        pure Gaussian noise, seeded by the request id (reproducible from the audit log)."""
+        noise = await anyio.to_thread.run_sync(
+            lambda: encode_png(pure_noise_image(_png_image(png), key=request.request_id))
+        )
+        prompt = build_prompt("vqa", domain, references, request.question)
+        runs: dict[str, tuple[str, bytes]] = {"answer": (prompt, png), "noise": (prompt, noise)}
+        if references:
+            runs["no_retrieval"] = (build_prompt("vqa", domain, [], request.question), png)
+        # gather (not a task group): the first failure propagates as itself, a clean 503/504 envelope
+        generations = await asyncio.gather(*(generate(text, image) for text, image in runs.values()))
+        results = dict(zip(runs, generations, strict=True))
+        answer = parse_yes_no(results["answer"].text)
+        noise_answer = parse_yes_no(results["noise"].text)
+        plain = parse_yes_no(results["no_retrieval"].text) if "no_retrieval" in results else None
+        return results["answer"], Grounding(
+            image_dependent=noise_answer != answer,
+            retrieval_changed_answer=None if plain is None else plain != answer,
+            noise_image_answer=noise_answer,
+            no_retrieval_answer=plain,
         )
 
     async def _domain(self, request: RAGRequest, png: bytes, warnings: list[str]) -> DomainInfo:

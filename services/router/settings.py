@@ -51,6 +51,13 @@ class RouterSettings(ServiceSettings):
     temperature_default: float = Field(
         0.0, ge=0, le=2, description="Default temperature (0 = greedy, reproducible answers)."
     )
+    normalised_max_side: int = Field(
+        512,
+        ge=64,
+        le=4096,
+        description="Longest side (px) of the image sent to the classifier, retriever and generator: the "
+        "upload is decoded once and downscaled to fit, aspect ratio kept.",
+    )
     max_question_chars: int = Field(2000, ge=1, description="Longest accepted question.")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest accepted upload.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Largest accepted width × height.")
