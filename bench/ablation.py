@@ -48,7 +48,7 @@ def table_columns(task: str) -> list[str]:
 
 
 def say(text: str = "") -> None:
-    print(text, flush=True)  # noqa: T201  (a command-line report)
+    print(text, flush=True)
 
 
 def mean_sd(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:

@@ -56,7 +56,7 @@ READY_TIMEOUT_S = 300.0
 
 
 def emit(text: str = "") -> None:
-    print(text, flush=True)  # noqa: T201  (a command-line report)
+    print(text, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ workload

@@ -59,7 +59,7 @@ TARGET_P50_SIZE, TARGET_P50_MS = 100_000, 30.0
 
 
 def emit(text: str = "") -> None:
-    print(text, flush=True)  # noqa: T201  (a command-line report)
+    print(text, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ data

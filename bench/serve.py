@@ -64,7 +64,7 @@ REQUEST_TIMEOUT_S = 600.0
 
 
 def emit(text: str = "") -> None:
-    print(text, flush=True)  # noqa: T201  (a command-line report)
+    print(text, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ workload
