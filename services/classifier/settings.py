@@ -35,10 +35,11 @@ class ClassifierSettings(ServiceSettings):
         "(1 = off: every request runs its own).",
     )
     max_wait_ms: float = Field(
-        2.0,
+        0.0,
         ge=0,
         le=1000,
-        description="Micro-batching: how long a request waits for others to share its forward pass.",
+        description="Micro-batching: how long a request waits for others to share its forward pass (0: "
+        "none; requests arriving while a batch runs still form the next batch).",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (torch.set_num_threads); unset = torch's default."

@@ -174,5 +174,7 @@ def configure_logging(service: str, level: str = "info", fmt: LogFormat = "json"
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers.clear()
         uvicorn_logger.propagate = True
+    # One INFO line per outgoing call (httpx) would cost more than the call's bookkeeping: warnings only.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
     # Audit records are written whatever the level, so that turning logs down never loses them.
     logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)

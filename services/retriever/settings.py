@@ -72,7 +72,11 @@ class RetrieverSettings(ServiceSettings):
         16, ge=1, le=1024, description="Largest batch of concurrent queries per forward pass."
     )
     batch_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long a query waits for others to share its forward pass."
+        0.0,
+        ge=0,
+        le=1000,
+        description="How long a query waits for others to share its forward pass (0: none; queries "
+        "arriving while a batch runs still form the next batch).",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads (torch.set_num_threads); unset = torch's default."

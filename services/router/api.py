@@ -114,7 +114,9 @@ class RAGMetrics:
             self.top_score.labels(domain).observe(max(e.score for e in response.evidence))
 
 
-def get_pipeline(request: Request) -> RAGPipeline:
+async def get_pipeline(request: Request) -> RAGPipeline:
+    """The app's pipeline. ``async`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool,
+    a thread hop per request for a dictionary lookup."""
     return request.app.state.pipeline
 
 
