@@ -64,6 +64,9 @@ HELP: dict[str, str] = {
     "num_threads": "CPU threads for torch (default: torch's own choice).",
     "output_dir": "Checkpoint folder. Default: <artifacts>/adapters/checkpoints/stage<N>.",
     "learning_rate": "Peak learning rate (paper: 1e-7, stage-2 VQA 2e-7, for LLaVA-Med-7B).",
+    "loss_type": "TRL loss types, combined with loss_weights (default sigmoid DPO + the chosen side's NLL; "
+    "paper: sigmoid).",
+    "loss_weights": "Weights of the loss types (default 1, 1).",
     "num_train_epochs": "Epochs over the stage's pairs (paper: 3).",
     "max_steps": "Stop after this many optimizer steps (overrides the epochs).",
     "lr_scheduler_type": "Learning-rate schedule (paper: cosine).",
