@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmedrag-installed
 ARTIFACTS ?= artifacts
 
-.PHONY: install test lint format up clean-venv
+.PHONY: install test lint format up up-tiny clean-venv
 
 install: $(STAMP)
 
@@ -26,9 +26,15 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Trained artifacts from nothing on first use (`mmedrag bootstrap`, resumable), then the stack.
 up: install
-	@test -f $(ARTIFACTS)/manifest.json || $(VENV)/bin/mmedrag artifacts tiny --out $(ARTIFACTS)
+	@grep -qs '"kind": "trained"' $(ARTIFACTS)/manifest.json || $(VENV)/bin/mmedrag bootstrap --out $(ARTIFACTS)
 	$(VENV)/bin/mmedrag up --artifacts $(ARTIFACTS)
+
+# The same stack on tiny random-weight models, built in seconds (answers are meaningless).
+up-tiny: install
+	@test -f $(ARTIFACTS)-tiny/manifest.json || $(VENV)/bin/mmedrag artifacts tiny --out $(ARTIFACTS)-tiny
+	$(VENV)/bin/mmedrag up --artifacts $(ARTIFACTS)-tiny
 
 clean-venv:
 	rm -rf $(VENV)

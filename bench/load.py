@@ -126,10 +126,10 @@ class LocalStack:
 
 
 def start_stack(artifacts: Path, logs: Path, *, auth: bool) -> LocalStack:
-    from services.launcher import Stack, plan, service_environment
+    from services.launcher import Stack, free_base_port, plan, service_environment
     from services.router.auth import hash_key, new_key
 
-    port = _free_base_port()
+    port = free_base_port(HOST)
     env = service_environment(artifacts, HOST, port)
     key = new_key() if auth else None
     if key is not None:
@@ -147,29 +147,6 @@ def start_stack(artifacts: Path, logs: Path, *, auth: bool) -> LocalStack:
         raise
     pids = {service.name: child.pid for service, child, _ in stack.children}
     return LocalStack(f"http://{HOST}:{port}", key, pids, stack.stop)
-
-
-def _free_base_port() -> int:
-    """A port p with p..p+3 free: the router and the three services after it (the launcher's layout)."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            base = probe.getsockname()[1]
-        sockets: list[socket.socket] = []
-        try:
-            for offset in range(4):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind((HOST, base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no four consecutive free ports on loopback")
 
 
 def find_service_pids(url: str) -> dict[str, int]:

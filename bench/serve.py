@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import threading
@@ -130,27 +129,6 @@ def load_items(artifacts: Path, per_domain: int = 8) -> list[Item]:
 # ------------------------------------------------------------------------------------------ the stack
 
 
-def free_base_port() -> int:
-    """A port p with p..p+3 free: the router and the three services after it (the launcher's layout)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((HOST, 0))
-            base = probe.getsockname()[1]
-        sockets: list[socket.socket] = []
-        try:
-            for offset in range(4):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind((HOST, base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no four consecutive free ports on loopback")
-
-
 @dataclass(frozen=True)
 class RunningStack:
     """Each service's base URL, and the headers an internal service wants (its internal token)."""
@@ -163,9 +141,9 @@ class RunningStack:
 def running_stack(artifacts: Path, logs: Path, extra_env: dict[str, str]) -> Iterator[RunningStack]:
     """The embedded stack (``services.launcher``) with extra environment, stopped on exit."""
     from services.common.app import internal_auth_headers
-    from services.launcher import Stack, plan, service_environment
+    from services.launcher import Stack, free_base_port, plan, service_environment
 
-    port = free_base_port()
+    port = free_base_port(HOST)
     env = {**service_environment(artifacts, HOST, port), **BENCH_ENV, **extra_env}
     logs.mkdir(parents=True, exist_ok=True)
     stack = Stack()

@@ -24,6 +24,7 @@ import httpx
 from services.common.artifacts import MANIFEST, ArtifactError
 
 READY_TIMEOUT_S = 180.0
+INTERNAL_TOKEN_FILE = "internal-token"  # in the log folder, mode 0600
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,32 @@ class ServiceProcess:
     name: str
     port: int
     ready_path: str
+
+
+def free_base_port(host: str = "127.0.0.1") -> int:
+    """A port p such that p..p+3 are all free on ``host``: room for ``plan(p)`` (tests and benchmarks that
+    start a stack of their own; a port freed here can still be taken before the services bind it)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            base = probe.getsockname()[1]
+        if base + 3 > 65535:
+            continue
+        sockets: list[socket.socket] = []
+        try:
+            for offset in range(4):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind((host, base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no four consecutive free ports on {host}")
 
 
 def plan(port: int) -> list[ServiceProcess]:
@@ -179,6 +206,10 @@ def run_stack(
         raise ArtifactError(artifacts / MANIFEST, "no artifacts manifest", root=artifacts)
     log_dir.mkdir(parents=True, exist_ok=True)
     env = service_environment(artifacts, host, port, log_format)
+    # Tools that call the internal services directly (``mmedrag pairs --backend http``) read it from here.
+    token_file = log_dir / INTERNAL_TOKEN_FILE
+    token_file.write_text(env["MMEDRAG_INTERNAL_TOKEN"] + "\n", encoding="utf-8")
+    token_file.chmod(0o600)
     stack = Stack()
 
     def _stop_on_sigterm(*_: object) -> None:
@@ -193,6 +224,7 @@ def run_stack(
         print(f"MMed-RAG Serve is ready at {base_url}", flush=True)
         print(f"  API docs: {base_url}/docs", flush=True)
         print(f"  logs:     {log_dir.resolve()}/<service>.log", flush=True)
+        print(f"  internal: token in {token_file.resolve()} (MMEDRAG_INTERNAL_TOKEN)", flush=True)
         print(auth_notice(env, host), flush=True)
         print(f"  try:      {curl_example(artifacts, base_url)}", flush=True)
         print("Press Ctrl-C to stop.", flush=True)

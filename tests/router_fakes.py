@@ -168,7 +168,7 @@ def build_router_app(stack: FakeStack, **overrides: Any) -> Any:
         ),
         GeneratorClient(
             "http://generator/v1",
-            model="mmedrag-llava",
+            model=settings.generator_model,
             api_key="EMPTY",
             timeout_s=5,
             http_client=httpx.AsyncClient(transport=httpx.MockTransport(stack.generator)),

@@ -8,8 +8,7 @@ the folder layout of DESIGN.md §4, so a bootstrapped folder is indistinguishabl
 
 **Resumable.** ``<out>/bootstrap.json`` records each finished step with the settings it ran with; a rerun
 skips a step whose record matches the current settings and whose outputs exist, and reruns it (and every
-later step) otherwise. An interrupted step leaves no record, so it reruns from the start (the DPO steps
-resume from their own checkpoints).
+later step) otherwise. An interrupted step leaves no record, so it reruns from its start.
 
 **A stage without pairs is skipped, not fatal.** A base model that never answers differently for the
 real and the noise image gives no stage-1 pairs; that stage is recorded as skipped with its reason (in the

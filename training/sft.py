@@ -118,7 +118,10 @@ class SFTConfig:
     vision_pretrain_lr: float = field(default=1e-3, metadata=_help("AdamW learning rate of that phase."))
     freeze_vision: bool = field(
         default=True,
-        metadata=_help("Keep the vision tower frozen during SFT (LLaVA-1.5 freezes its CLIP tower)."),
+        metadata=_help(
+            "Keep the pretrained vision tower frozen during SFT (LLaVA-1.5 freezes its CLIP tower); "
+            "without vision pretraining the tower is always trained."
+        ),
     )
     # optimisation
     epochs: int = field(default=4, metadata=_help("Passes over the training items."))
@@ -630,7 +633,7 @@ def train_sft(config: SFTConfig) -> SFTResult:
             progress=config.progress,
         )
     model.train()
-    if config.freeze_vision:
+    if config.freeze_vision and config.vision_pretrain_steps:  # never freeze a tower that never learned
         model.model.vision_tower.requires_grad_(False)
         model.model.vision_tower.eval()
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -864,6 +867,9 @@ def sft_cli(
     text_hidden_size: Annotated[int, typer.Option(help=config_help()["text_hidden_size"])] = 128,
     vision_layers: Annotated[int, typer.Option(help=config_help()["vision_layers"])] = 2,
     vision_hidden_size: Annotated[int, typer.Option(help=config_help()["vision_hidden_size"])] = 128,
+    vision_pretrain_steps: Annotated[int, typer.Option(help=config_help()["vision_pretrain_steps"])] = 600,
+    vision_pretrain_lr: Annotated[float, typer.Option(help=config_help()["vision_pretrain_lr"])] = 1e-3,
+    freeze_vision: Annotated[bool, typer.Option(help=config_help()["freeze_vision"])] = True,
     reference_rate: Annotated[float, typer.Option(help=config_help()["reference_rate"])] = 0.5,
     agreement_rate: Annotated[float, typer.Option(help=config_help()["agreement_rate"])] = 0.9,
     own_report_rate: Annotated[float, typer.Option(help=config_help()["own_report_rate"])] = 0.5,
@@ -892,6 +898,9 @@ def sft_cli(
         text_hidden_size=text_hidden_size,
         vision_layers=vision_layers,
         vision_hidden_size=vision_hidden_size,
+        vision_pretrain_steps=vision_pretrain_steps,
+        vision_pretrain_lr=vision_pretrain_lr,
+        freeze_vision=freeze_vision,
         reference_rate=reference_rate,
         agreement_rate=agreement_rate,
         own_report_rate=own_report_rate,

@@ -154,6 +154,8 @@ class DomainClassifier:
         callers' images join the same forward pass."""
         if not self.ready:
             raise NotReady("the classifier is still loading")
+        if len(images) > 1 or not self.batcher.enabled:  # a caller's own batch: one pass, no queue
+            return self._classify(images)
         return self.batcher.submit_blocking(self._pixels(images))
 
     async def aclassify(self, image: PIL.Image.Image) -> Classification:

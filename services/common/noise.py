@@ -1,9 +1,9 @@
 """Noise images: the release code's pure Gaussian noise and the paper's forward-diffusion noise.
 
 Shared by training (the rejected side of preference pairs, ``training.pairs.noise``; VCD's noised image,
-``training.evaluate.decoding``) and serving (the router's per-request grounding check), so the model is
-probed at serving time with exactly the noise it was aligned against. The schedule and the definitions are
-in ``training/pairs/noise.py``'s docstring.
+``training.evaluate.decoding``) and serving (the router's per-request grounding check uses ``pure`` noise:
+at request time there is no second image of the domain to diffuse, which the ``diffusion`` kind needs).
+The schedule and the definitions are in ``training/pairs/noise.py``'s docstring.
 """
 
 from __future__ import annotations

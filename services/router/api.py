@@ -72,7 +72,8 @@ class VQAForm(ReportForm):
     grounding_check: bool = Field(
         False,
         description="Also answer with a noise image and without the references (one generator batch, "
-        "about 3x the generation cost) and report whether the answer depends on the image and on retrieval.",
+        "about 3x the generation cost) and report whether the answer depends on the image and on retrieval; "
+        "all three generations are greedy.",
     )
 
 

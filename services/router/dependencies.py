@@ -190,8 +190,9 @@ class GeneratorClient:
         )
 
     async def ready(self) -> bool:
+        """Reachable and serving the configured model (a wrong model name would 404 every request)."""
         try:
-            await self._client.models.list(timeout=2.0)
+            models = await self._client.models.list(timeout=2.0)
         except openai.OpenAIError:
             return False
-        return True
+        return any(model.id == self.model for model in models.data)

@@ -19,7 +19,13 @@ import anyio
 import PIL.Image
 
 from services.common.answers import parse_yes_no
-from services.common.errors import DependencyTimeout, DependencyUnavailable, InvalidInput, UnprocessableImage
+from services.common.errors import (
+    DependencyTimeout,
+    DependencyUnavailable,
+    InvalidInput,
+    ServiceError,
+    UnprocessableImage,
+)
 from services.common.images import (
     DecodedImage,
     ImageLimits,
@@ -161,6 +167,7 @@ class RAGPipeline:
 
         grounding: Grounding | None = None
         if request.grounding_check and request.task == "vqa":
+            temperature = 0.0  # greedy: an answer that changes must change because of the input
             generation, grounding = await self._with_grounding(
                 request, domain.label, references, png, generate
             )
@@ -204,9 +211,12 @@ class RAGPipeline:
         runs: dict[str, tuple[str, bytes]] = {"answer": (prompt, png), "noise": (prompt, noise)}
         if references:
             runs["no_retrieval"] = (build_prompt("vqa", domain, [], request.question), png)
-        # gather (not a task group): the first failure propagates as itself, a clean 503/504 envelope
-        generations = await asyncio.gather(*(generate(text, image) for text, image in runs.values()))
-        results = dict(zip(runs, generations, strict=True))
+        try:
+            async with asyncio.TaskGroup() as group:  # a failure cancels the other generations
+                tasks = {name: group.create_task(generate(*run)) for name, run in runs.items()}
+        except* ServiceError as errors:  # the first one, as itself: a clean 503/504 envelope
+            raise errors.exceptions[0] from None
+        results = {name: task.result() for name, task in tasks.items()}
         answer = parse_yes_no(results["answer"].text)
         noise_answer = parse_yes_no(results["noise"].text)
         plain = parse_yes_no(results["no_retrieval"].text) if "no_retrieval" in results else None

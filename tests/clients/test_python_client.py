@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 from image_factories import make_png
-from mmedrag_client import APIError, AsyncMMedRAGClient, RAGResult
+from mmedrag_client import APIError, AsyncMMedRAGClient, Grounding, RAGResult
 from router_fakes import FakeStack, build_router_app
 
 
@@ -23,6 +23,18 @@ async def test_vqa_returns_a_typed_result(tmp_path) -> None:
     assert result.answer == "yes"
     assert result.retrieval.k_max == 2 and result.evidence[0].kept
     assert result.domain.source == "classifier" and result.request_id
+
+
+async def test_grounding_check_option_returns_the_typed_signals() -> None:
+    stack = FakeStack()
+    stack.answer = "Yes."
+    async with _client(stack) as client:
+        plain = await client.vqa(make_png(), "Is there an effusion?")
+        checked = await client.vqa(make_png(), "Is there an effusion?", grounding_check=True)
+    assert plain.grounding is None
+    assert isinstance(checked.grounding, Grounding)
+    assert checked.grounding.image_dependent is False and checked.grounding.noise_image_answer == "yes"
+    assert len(stack.generator_bodies) == 1 + 3
 
 
 async def test_report_with_options_from_bytes() -> None:

@@ -30,8 +30,8 @@ gradient checkpointing     yes                          no (tiny activations; it
 degenerate on reports (measured on MedSynth test, adaptive retrieval: report BLEU/ROUGE-L/METEOR mean 22.4 →
 11.8, repetitive text) and lowered VQA (57.5 → 55.2, mean of accuracy, F1, AUROC); DPO pushes the chosen
 side's likelihood down with the rejected one's. Adding the chosen side's NLL (the "RPO" recipe) keeps it up:
-VQA 57.5 → 58.6, copy-reference 60.2 → 52.4 %, reports 22.4 → 18.5. ``loss_type="sigmoid"`` (and
-``loss_weights=None``) restores the paper's loss.
+VQA 57.5 → 58.6, copy-reference 60.2 → 52.4 %, reports 22.4 → 18.5. ``loss_type="sigmoid"`` (a config file
+line, or ``PAPER_SETTINGS``) restores the paper's loss.
 
 ``PAPER_SETTINGS`` holds the paper's values as keyword arguments (``load_config(**PAPER_SETTINGS)``).
 The reference model is always the policy with its adapters disabled, so in stage 2 it is still the
@@ -109,8 +109,9 @@ class MMedRAGDPOConfig(DPOConfig):
     `num_train_epochs=3`, `lr_scheduler_type="cosine"`, `warmup_steps=0.03`, `per_device_train_batch_size=2`,
     `per_device_eval_batch_size=2`, `bf16=False`, `gradient_checkpointing=False`, `logging_steps=10`,
     `save_steps=100`, `save_total_limit=2`, `output_dir=<artifacts>/adapters/checkpoints/stage<stage>`.
-    `loss_type=["sigmoid", "sft"]` with `loss_weights=[1.0, 1.0]` (DPO plus the chosen side's NLL; the
-    paper: sigmoid only). `beta` (0.1) and `max_length` (1024) keep TRL's defaults, which are the paper's.
+    `loss_type=["sigmoid", "sft"]` (DPO plus the chosen side's NLL, each weighted 1 as TRL does when
+    `loss_weights` is unset; the paper: sigmoid only).
+    `beta` (0.1) and `max_length` (1024) keep TRL's defaults, which are the paper's.
     """
 
     # ------------------------------------------------------------------------------------------ MMed-RAG
@@ -135,9 +136,7 @@ class MMedRAGDPOConfig(DPOConfig):
     output_dir: str | None = field(default=None, metadata=_help("output_dir"))
     learning_rate: float = field(default=1e-4, metadata=_help("learning_rate"))
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid", "sft"], metadata=_help("loss_type"))
-    loss_weights: list[float] | None = field(
-        default_factory=lambda: [1.0, 1.0], metadata=_help("loss_weights")
-    )
+    loss_weights: list[float] | None = field(default=None, metadata=_help("loss_weights"))
     num_train_epochs: float = field(default=3.0, metadata=_help("num_train_epochs"))
     lr_scheduler_type: str = field(default="cosine", metadata=_help("lr_scheduler_type"))
     warmup_steps: float = field(default=0.03, metadata=_help("warmup_steps"))

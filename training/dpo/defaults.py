@@ -28,6 +28,7 @@ LANGUAGE_MODEL_LINEAR = (
 
 # The paper's recipe (MMed-RAG appendix, LLaVA-Med-7B, DeepSpeed ZeRO-3) as config keyword arguments.
 PAPER_SETTINGS: dict[str, Any] = {
+    "loss_type": ["sigmoid"],
     "lora_r": 128,
     "lora_alpha": 256,
     "lora_dropout": 0.05,
@@ -66,7 +67,7 @@ HELP: dict[str, str] = {
     "learning_rate": "Peak learning rate (paper: 1e-7, stage-2 VQA 2e-7, for LLaVA-Med-7B).",
     "loss_type": "TRL loss types, combined with loss_weights (default sigmoid DPO + the chosen side's NLL; "
     "paper: sigmoid).",
-    "loss_weights": "Weights of the loss types (default 1, 1).",
+    "loss_weights": "Weights of the loss types (default: 1 each).",
     "num_train_epochs": "Epochs over the stage's pairs (paper: 3).",
     "max_steps": "Stop after this many optimizer steps (overrides the epochs).",
     "lr_scheduler_type": "Learning-rate schedule (paper: cosine).",

@@ -205,6 +205,10 @@ def run_ablation(config: AblationConfig, *, progress: bool = False) -> AblationO
                     )
                 misalignment[MODEL_LABELS[role]] = measured[key]
     rows_json = [record.model_dump(mode="json") for record in records]
+    from training.evaluate.report import RESULTS_FILE, write_jsonl
+
+    Path(config.out).mkdir(parents=True, exist_ok=True)  # generations on disk before scoring can fail
+    write_jsonl(Path(config.out) / RESULTS_FILE, rows_json)
     with_meteor = meteor_enabled(config.meteor)
     summaries = report.summarise_runs(rows_json, meteor=with_meteor, yes_probability=True)
     if "report" in config.tasks and not with_meteor:

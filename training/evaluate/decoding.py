@@ -11,7 +11,7 @@ evaluator.
   taken. The VCD paper samples from this distribution; here it is decoded greedily, so runs are
   deterministic and comparable with the other greedy baselines. ``v'`` is the preprocessed image (the
   model's own input resolution, as VCD noises the image tensor) noised by the forward diffusion process
-  ``q(x_t | x_0)`` at step ``vcd_noise_step`` of 1000 (``training.pairs.noise.diffuse``: DDPM's linear
+  ``q(x_t | x_0)`` at step ``vcd_noise_step`` of 1000 (``services.common.noise.diffuse``: DDPM's linear
   schedule in [-1, 1] pixel space; VCD used its own schedule and did not clip). The noise of an image is
   a function of ``(seed, pixels)`` only, so a batch decodes exactly as its rows one at a time.
   ``VCDLogitsProcessor`` runs the noised-image branch as a second forward pass with its own KV cache:
@@ -120,7 +120,7 @@ def noised_pixel_values(
     """The preprocessed images ``(batch, 3, H, W)`` noised by forward diffusion to ``step``.
 
     Pixels go back to [0, 1] (undoing the processor's normalisation and rescaling), through
-    ``training.pairs.noise.diffuse`` and forward again. Each image's noise is drawn from a stream seeded
+    ``services.common.noise.diffuse`` and forward again. Each image's noise is drawn from a stream seeded
     by ``seed`` and a checksum of its own pixels, so it does not depend on the batch it is in.
     """
     mean = std = None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
+from services.common.app import internal_auth_headers
 from services.common.prompts import Task, build_prompt, render_conversation
 from services.common.threads import torch_threads
 from training.pairs.noise import load_image
@@ -353,7 +355,8 @@ class HttpGenerator:
         self.seed = seed
         self.concurrency = concurrency
         self.timeout_s = timeout_s
-        self.api_key = api_key or "EMPTY"
+        # the stack's internal token (``mmedrag up`` writes it to logs/internal-token) is the generator's key
+        self.api_key = api_key or os.environ.get("MMEDRAG_INTERNAL_TOKEN") or "EMPTY"
         self.transport = transport
         self.name = f"{model or 'served model'} at {self.base_url}"
 
@@ -475,6 +478,7 @@ class HttpRetriever:
         self.timeout_s = timeout_s
         self.transport = transport
         self._names: dict[str, str] = {}
+        self.headers = internal_auth_headers(os.environ.get("MMEDRAG_INTERNAL_TOKEN"))
 
     async def _top1(self, domain: str, images: Sequence[Path], progress: bool) -> list[str]:
         from services.common.images import encode_png
@@ -482,7 +486,7 @@ class HttpRetriever:
         semaphore = asyncio.Semaphore(self.concurrency)
         bar = tqdm(total=len(images), desc=f"{domain} retrieval", unit="img", disable=not progress)
         async with httpx.AsyncClient(
-            base_url=self.base_url, transport=self.transport, timeout=self.timeout_s
+            base_url=self.base_url, transport=self.transport, timeout=self.timeout_s, headers=self.headers
         ) as client:
 
             async def one(path: Path) -> str:

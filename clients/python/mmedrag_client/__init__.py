@@ -11,7 +11,7 @@ service do not install torch::
 """
 
 from mmedrag_client.client import AsyncMMedRAGClient, MMedRAGClient
-from mmedrag_client.types import APIError, DomainInfo, Evidence, RAGResult, RetrievalInfo
+from mmedrag_client.types import APIError, DomainInfo, Evidence, Grounding, RAGResult, RetrievalInfo
 
 __version__ = "0.1.0"
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "AsyncMMedRAGClient",
     "DomainInfo",
     "Evidence",
+    "Grounding",
     "MMedRAGClient",
     "RAGResult",
     "RetrievalInfo",

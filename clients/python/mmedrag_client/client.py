@@ -11,7 +11,7 @@ import httpx
 from mmedrag_client.types import APIError, RAGResult
 
 ImageInput = str | Path | bytes | BinaryIO
-OPTION_NAMES = ("domain", "retrieval", "k_max", "gamma", "max_tokens", "temperature")
+OPTION_NAMES = ("domain", "retrieval", "k_max", "gamma", "max_tokens", "temperature", "grounding_check")
 
 
 def _image_part(image: ImageInput) -> tuple[str, bytes, str]:
@@ -28,7 +28,11 @@ def _form(options: dict[str, Any], question: str | None = None) -> dict[str, str
     unknown = set(options) - set(OPTION_NAMES)
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {OPTION_NAMES}")
-    form = {key: str(value) for key, value in options.items() if value is not None}
+    form = {
+        key: (str(value).lower() if isinstance(value, bool) else str(value))
+        for key, value in options.items()
+        if value is not None
+    }
     if question is not None:
         form["question"] = question
     return form

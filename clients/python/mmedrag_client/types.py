@@ -46,6 +46,16 @@ class RetrievalInfo:
 
 
 @dataclass(frozen=True)
+class Grounding:
+    """Only with ``grounding_check=True`` on ``vqa``: does the answer depend on the image, on retrieval."""
+
+    image_dependent: bool
+    retrieval_changed_answer: bool | None
+    noise_image_answer: str
+    no_retrieval_answer: str | None
+
+
+@dataclass(frozen=True)
 class RAGResult:
     """What ``/vqa`` and ``/report`` return."""
 
@@ -58,6 +68,7 @@ class RAGResult:
     timings_ms: dict[str, float]
     request_id: str
     warnings: list[str] = field(default_factory=list)
+    grounding: Grounding | None = None
     disclaimer: str = ""
 
     @classmethod
@@ -72,5 +83,6 @@ class RAGResult:
             timings_ms=dict(body["timings_ms"]),
             request_id=body["request_id"],
             warnings=list(body.get("warnings", [])),
+            grounding=Grounding(**body["grounding"]) if body.get("grounding") else None,
             disclaimer=body.get("disclaimer", ""),
         )

@@ -211,6 +211,12 @@ async def test_readyz_follows_the_dependencies(stack: FakeStack) -> None:
     assert health.status_code == 200
 
 
+async def test_readyz_is_false_when_the_generator_lacks_the_configured_model(stack: FakeStack) -> None:
+    async with build_router(stack, generator_model="not-served") as client:
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["dependencies"]["generator"] is False
+
+
 async def test_explicit_confidence_floor_overrides_the_calibrated_threshold(stack: FakeStack) -> None:
     stack.classifier_confidence = 0.7  # the classifier calls this confident (>= its threshold 0.5)
     async with build_router(stack) as client:

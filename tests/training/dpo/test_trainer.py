@@ -209,10 +209,9 @@ def test_resume_continues_exactly_where_the_run_stopped(pair_world, tiny_setting
 def test_config_documents_the_paper_and_reads_files(tmp_path: Path) -> None:
     config = MMedRAGDPOConfig(artifacts=str(tmp_path), stage=2)
     assert config.beta == 0.1 and config.max_length == 1024
-    assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [1.0, 1.0]  # DPO + chosen NLL
-    assert MMedRAGDPOConfig(artifacts=str(tmp_path), loss_type="sigmoid", loss_weights=None).loss_type == [
-        "sigmoid"
-    ]
+    assert config.loss_type == ["sigmoid", "sft"]  # DPO + the chosen side's NLL, weighted 1 each
+    assert MMedRAGDPOConfig(artifacts=str(tmp_path), loss_type="sigmoid").loss_type == ["sigmoid"]
+    assert load_config(artifacts=str(tmp_path), **PAPER_SETTINGS).loss_type == ["sigmoid"]
     assert (
         config.lr_scheduler_type == "cosine" and config.warmup_steps == 0.03 and config.num_train_epochs == 3
     )
