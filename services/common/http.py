@@ -131,6 +131,10 @@ class ServiceClient:
                 await asyncio.sleep(self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random()))
             try:
                 response = await self._client.request(method, path, headers=headers, **kwargs)
+            except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:  # never reached it: unreachable, retry
+                last_problem = f"cannot reach {self.name} at {self.base_url} ({type(exc).__name__})"
+                logger.warning("%s (attempt %d/%d)", last_problem, attempt + 1, attempts)
+                continue
             except httpx.TimeoutException as exc:
                 raise DependencyTimeout(
                     f"{self.name} did not answer within {self._client.timeout.read}s"

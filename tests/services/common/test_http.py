@@ -71,6 +71,25 @@ async def test_timeout_becomes_504_class() -> None:
         await _client(handler).request("GET", "/x")
 
 
+async def test_connect_timeout_is_an_unreachable_dependency_retried_then_503() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            raise httpx.ConnectTimeout("no route", request=request)
+        return httpx.Response(200, json={"ok": True})
+
+    assert (await _client(handler, retries=1).request("GET", "/x")).json() == {"ok": True}
+
+    def never(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("no route", request=request)
+
+    with pytest.raises(DependencyUnavailable, match="cannot reach retriever") as error:
+        await _client(never, retries=1).request("GET", "/x")
+    assert error.value.code == "retriever_unavailable"
+
+
 async def test_connection_refused_is_503_with_the_service_name() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
