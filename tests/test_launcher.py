@@ -64,7 +64,9 @@ def test_up_starts_prints_and_stops_cleanly_on_sigterm(tiny_artifacts: Path, tmp
         if process.poll() is None:
             process.kill()
     logs = {p.name for p in (tmp_path / "logs").iterdir()}
-    assert logs == {"router.log", "classifier.log", "retriever.log", "generator.log"}
+    assert logs == {"router.log", "classifier.log", "retriever.log", "generator.log", "internal-token"}
+    token = tmp_path / "logs" / "internal-token"
+    assert token.stat().st_mode & 0o777 == 0o600 and len(token.read_text().strip()) >= 32
 
 
 def test_up_without_artifacts_names_the_file_and_the_command(tmp_path: Path) -> None:

@@ -150,7 +150,8 @@ async def test_generator_client_sends_the_token_as_key_and_header() -> None:
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request.headers)
-        return httpx.Response(200, json={"object": "list", "data": []})
+        model = {"id": "m", "object": "model", "created": 0, "owned_by": "test"}
+        return httpx.Response(200, json={"object": "list", "data": [model]})
 
     for api_key in ("EMPTY", "separate-key"):
         client = GeneratorClient(
