@@ -39,6 +39,8 @@ def build_app(settings: ClassifierSettings | None = None, service: DomainClassif
         if not classifier.ready:
             await anyio.to_thread.run_sync(classifier.load, settings.artifacts)
         yield
+        if service is None:  # this app made the classifier: stop its batching thread with it
+            await anyio.to_thread.run_sync(classifier.batcher.close)
 
     async def readiness() -> dict[str, Any]:
         if not classifier.ready:

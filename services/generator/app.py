@@ -41,6 +41,8 @@ def build_app(settings: GeneratorSettings | None = None, service: GeneratorServi
         if not loaded.ready:
             await anyio.to_thread.run_sync(loaded.load)
         yield
+        if service is None:  # this app made the generator: stop its batching thread with it
+            await anyio.to_thread.run_sync(loaded.batcher.close)
 
     async def readiness() -> dict[str, Any]:
         return {"ready": generator.ready, "model": generator.served_model_name}
