@@ -205,10 +205,7 @@ def run_ablation(config: AblationConfig, *, progress: bool = False) -> AblationO
                     )
                 misalignment[MODEL_LABELS[role]] = measured[key]
     rows_json = [record.model_dump(mode="json") for record in records]
-    from training.evaluate.report import RESULTS_FILE, write_jsonl
-
-    Path(config.out).mkdir(parents=True, exist_ok=True)  # generations on disk before scoring can fail
-    write_jsonl(Path(config.out) / RESULTS_FILE, rows_json)
+    report.write_results_file(config.out, rows_json)
     with_meteor = meteor_enabled(config.meteor)
     summaries = report.summarise_runs(rows_json, meteor=with_meteor, yes_probability=True)
     if "report" in config.tasks and not with_meteor:
@@ -325,20 +322,18 @@ def render_ablation_markdown(payload: dict[str, Any]) -> str:
 
 
 def write_ablation(out: Path, rows: list[dict[str, Any]], payload: dict[str, Any]) -> dict[str, Path]:
-    """``results.jsonl``, ``ablation.json``, ``ablation.md`` and ``plots/*.png`` into ``out``."""
-    from training.evaluate.report import PLOTS_DIR, RESULTS_FILE, write_json, write_jsonl, write_plots
+    """``ablation.json``, ``ablation.md`` and ``plots/*.png`` next to ``results.jsonl`` in ``out``."""
+    from training.evaluate.report import write_summary_outputs
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "results": write_jsonl(out / RESULTS_FILE, rows),
-        "ablation": write_json(out / ABLATION_JSON, payload),
-    }
-    markdown = out / ABLATION_MARKDOWN
-    markdown.write_text(render_ablation_markdown(payload), encoding="utf-8")
-    paths["markdown"] = markdown
-    plots = write_plots(out / PLOTS_DIR, rows, payload["runs"], payload.get("misalignment"))
-    paths.update({f"plot:{name}": path for name, path in plots.items()})
+    paths = write_summary_outputs(
+        out,
+        rows,
+        payload,
+        json_name=ABLATION_JSON,
+        markdown_name=ABLATION_MARKDOWN,
+        markdown=render_ablation_markdown(payload),
+    )
+    paths["ablation"] = paths.pop("json")
     return paths
 
 

@@ -492,19 +492,44 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def write_results_file(out: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """``results.jsonl``, written as soon as the generations are done: they are the costly part, and must be
+    on disk before anything later (METEOR's Java, the plots) can fail."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_jsonl(out / RESULTS_FILE, rows)
+
+
+def write_summary_outputs(
+    out: Path,
+    rows: Sequence[Mapping[str, Any]],
+    document: Mapping[str, Any],
+    *,
+    json_name: str,
+    markdown_name: str,
+    markdown: str,
+) -> dict[str, Path]:
+    """Next to ``results.jsonl`` (``write_results_file``): the summary JSON, its markdown and the plots."""
+    out = Path(out)
+    paths = {"results": out / RESULTS_FILE, "json": write_json(out / json_name, document)}
+    (out / markdown_name).write_text(markdown, encoding="utf-8")
+    paths["markdown"] = out / markdown_name
+    plots = write_plots(out / PLOTS_DIR, rows, document["runs"], document.get("misalignment"))
+    paths.update({f"plot:{name}": path for name, path in plots.items()})
+    return paths
+
+
 def write_eval_outputs(
     out: Path, rows: Sequence[Mapping[str, Any]], metrics: Mapping[str, Any]
 ) -> dict[str, Path]:
-    """``results.jsonl``, ``metrics.json``, ``report.md`` and ``plots/*.png`` into ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {
-        "results": write_jsonl(out / RESULTS_FILE, rows),
-        "metrics": write_json(out / METRICS_FILE, metrics),
-    }
-    report = out / REPORT_FILE
-    report.write_text(render_eval_markdown(metrics), encoding="utf-8")
-    paths["report"] = report
-    plots = write_plots(out / PLOTS_DIR, rows, metrics["runs"], metrics.get("misalignment"))
-    paths.update({f"plot:{name}": path for name, path in plots.items()})
+    """``metrics.json``, ``report.md`` and ``plots/*.png`` next to ``results.jsonl`` in ``out``."""
+    paths = write_summary_outputs(
+        out,
+        rows,
+        metrics,
+        json_name=METRICS_FILE,
+        markdown_name=REPORT_FILE,
+        markdown=render_eval_markdown(metrics),
+    )
+    paths["metrics"], paths["report"] = paths.pop("json"), paths.pop("markdown")
     return paths

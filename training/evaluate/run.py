@@ -922,9 +922,7 @@ def evaluate(config: EvalConfig, backend: Backend, *, progress: bool = False) ->
     }
     records = run_items(backend, items_by_task, config.runs, progress=progress)
     rows = [record.model_dump(mode="json") for record in records]
-    # the generations are the costly part: on disk before anything (METEOR's Java, plots) can fail
-    Path(config.out).mkdir(parents=True, exist_ok=True)
-    report.write_jsonl(Path(config.out) / report.RESULTS_FILE, rows)
+    report.write_results_file(config.out, rows)
     with_meteor = meteor_enabled(config.meteor)
     summaries = report.summarise_runs(rows, meteor=with_meteor, yes_probability=backend.yes_probability)
     misalignment = None
