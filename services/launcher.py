@@ -34,17 +34,25 @@ class ServiceProcess:
     ready_path: str
 
 
+def _ephemeral_floor() -> int:
+    """The first port the kernel hands out to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_base_port(host: str = "127.0.0.1") -> int:
     """A port p such that p..p+3 are all free on ``host``: room for ``plan(p)`` (tests and benchmarks that
-    start a stack of their own; a port freed here can still be taken before the services bind it)."""
+    start a stack of their own). Drawn below the ephemeral range, so that an outgoing connection opened in
+    the meantime cannot take it before the services bind it."""
+    import random
     import socket
 
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
-        if base + 3 > 65535:
-            continue
+    floor = _ephemeral_floor()
+    low, high = (10000, floor - 4) if floor - 4 > 10000 else (floor, 65531)
+    for _ in range(200):
+        base = random.randint(low, high)
         sockets: list[socket.socket] = []
         try:
             for offset in range(4):
