@@ -54,6 +54,7 @@ class BootstrapConfig:
     shared_retriever: bool = False  # the ablation's "not domain-aware" row; about 3x a domain retriever
     sft_epochs: int = 3
     sft_vision_pretrain_steps: int = 600
+    sft_max_references: int = 10  # the router's default k_max: served prompts stay in the SFT distribution
     sft_eval: bool = True
     pairs_limit: int | None = None
     pairs_max_new_tokens: int = 96
@@ -73,8 +74,10 @@ class Step:
     name: str
     outputs: tuple[str, ...]
     run: Callable[[], None]
-    # settings whose change invalidates this step (and, through ``depends``, every later one)
+    # settings whose change invalidates this step (and every step downstream of it)
     keys: tuple[str, ...]
+    # the step whose outputs this one reads; None: the step before it
+    after: str | None = None
 
 
 def _fingerprint(settings: dict[str, Any], keys: tuple[str, ...], previous: str) -> str:
@@ -153,6 +156,7 @@ def pipeline_steps(config: BootstrapConfig, echo: Callable[[str], None] = print)
                 retriever_artifacts=out if config.sft_eval else None,
                 epochs=config.sft_epochs,
                 vision_pretrain_steps=config.sft_vision_pretrain_steps,
+                max_references=config.sft_max_references,
                 seed=seed,
                 num_threads=threads,
                 progress=False,
@@ -235,7 +239,12 @@ def pipeline_steps(config: BootstrapConfig, echo: Callable[[str], None] = print)
     steps += [
         Step("index", (INDEX_DIR,), index, ()),
         Step("calibrate", (), calibrate, ()),
-        Step("sft", ("base/config.json",), sft, ("sft_epochs", "sft_vision_pretrain_steps", "sft_eval")),
+        Step(
+            "sft",
+            ("base/config.json",),
+            sft,
+            ("sft_epochs", "sft_vision_pretrain_steps", "sft_max_references", "sft_eval"),
+        ),
         Step("pairs", ("pairs",), pairs, ("pairs_limit", "pairs_max_new_tokens")),
         Step("dpo stage 1", (_stage_file(1),), dpo(1), ("dpo_epochs",)),
         Step("dpo stage 2", (_stage_file(2),), dpo(2), ("dpo_epochs",)),
@@ -249,6 +258,7 @@ def pipeline_steps(config: BootstrapConfig, echo: Callable[[str], None] = print)
                 (f"{SHARED_RETRIEVER_DIR}/retriever.json",),
                 retriever("all", out / SHARED_RETRIEVER_DIR),
                 ("retriever_epochs", "threads"),
+                after="synth",  # it reads only the data: a changed SFT or DPO setting leaves it be
             )
         )
     return steps
@@ -299,15 +309,18 @@ def run_bootstrap(
     settings = config.step_settings()
     steps = pipeline_steps(config, echo)
     started = time.perf_counter()
+    fingerprints: dict[str, str] = {}
+    rebuilt: set[str] = set()  # steps run this time: everything downstream of them runs too
     previous = ""
-    rerun_rest = False
     bar = tqdm(total=len(steps), desc="bootstrap", unit="step", disable=not progress)
     for number, step in enumerate(steps, start=1):
-        fingerprint = _fingerprint(settings, ("seed", *step.keys), previous)
-        previous = fingerprint
+        upstream = step.after if step.after is not None else previous
+        fingerprint = _fingerprint(settings, ("seed", *step.keys), fingerprints.get(upstream, ""))
+        fingerprints[step.name] = fingerprint
+        previous = step.name
         record = state["steps"].get(step.name)
         done = (
-            not rerun_rest
+            upstream not in rebuilt
             and record is not None
             and record.get("fingerprint") == fingerprint
             and all((out / output).exists() for output in step.outputs)
@@ -316,7 +329,7 @@ def run_bootstrap(
             echo(f"[{number}/{len(steps)}] {step.name}: done ({record['seconds']} s), skipped")
             bar.update(1)
             continue
-        rerun_rest = True
+        rebuilt.add(step.name)
         state["steps"].pop(step.name, None)
         bar.set_postfix_str(step.name)
         echo(f"[{number}/{len(steps)}] {step.name} ...")

@@ -20,7 +20,10 @@ carries ``1..max_references`` reports of the domain's retrieval corpus (the retr
 stores). The first one *agrees* with the image with probability ``agreement_rate``: it is the image's own
 corpus text (share ``own_report_rate`` of agreeing draws) or the text of another training image with exactly
 the same set of findings (ground truth from ``findings.jsonl``); otherwise it is the text of an image with a
-different set of findings. Further references are random corpus texts. This "same-findings" sampling sets the
+different set of findings. Further references are random corpus texts (their number is uniform in
+``1..max_references``: served prompts carry as many reports as adaptive selection keeps, up to the router's
+``k_max``, and a model trained on one reference derails on ten — it began VQA answers with "FINDINGS:").
+This "same-findings" sampling sets the
 agreement rate exactly (a trained retriever would only approximate it); as LLaVA-Med, the model learns that
 references are usually right and copies them — including when, at test time, a weak retriever returns
 another patient's report. That is the over-reliance RAG-PT has to fix.
@@ -102,7 +105,13 @@ class SFTConfig:
     own_report_rate: float = field(
         default=0.5, metadata=_help("Share of agreeing references that are the image's own corpus text.")
     )
-    max_references: int = field(default=1, metadata=_help("References per prompt: 1..max_references."))
+    max_references: int = field(
+        default=10,
+        metadata=_help(
+            "References per prompt: 1..max_references, uniformly. Default: the router's default k_max "
+            "(MMEDRAG_ROUTER_K_MAX_DEFAULT), so every prompt adaptive selection can serve was trained on."
+        ),
+    )
     max_report_words: int = field(
         default=64, metadata=_help("Report answers are cut after the last whole sentence within this.")
     )
@@ -873,7 +882,7 @@ def sft_cli(
     reference_rate: Annotated[float, typer.Option(help=config_help()["reference_rate"])] = 0.5,
     agreement_rate: Annotated[float, typer.Option(help=config_help()["agreement_rate"])] = 0.9,
     own_report_rate: Annotated[float, typer.Option(help=config_help()["own_report_rate"])] = 0.5,
-    max_references: Annotated[int, typer.Option(help=config_help()["max_references"])] = 1,
+    max_references: Annotated[int, typer.Option(help=config_help()["max_references"])] = 10,
     max_report_words: Annotated[int, typer.Option(help=config_help()["max_report_words"])] = 64,
     limit: Annotated[int | None, typer.Option(help=config_help()["limit"])] = None,
     epochs: Annotated[int, typer.Option(help=config_help()["epochs"])] = 4,

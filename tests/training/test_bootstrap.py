@@ -12,7 +12,7 @@ from training import bootstrap
 from training.bootstrap import STATE_FILE, BootstrapConfig, Step, run_bootstrap
 
 
-def _fake_steps(calls: list[str]):
+def _fake_steps(calls: list[str], *, side_step: bool = False):
     def factory(config: BootstrapConfig, echo=print) -> list[Step]:
         def make(name: str, output: str):
             def run() -> None:
@@ -23,11 +23,14 @@ def _fake_steps(calls: list[str]):
 
             return run
 
-        return [
+        steps = [
             Step("a", ("a.txt",), make("a", "a.txt"), ("per_domain",)),
             Step("b", ("b.txt",), make("b", "b.txt"), ("sft_epochs",)),
             Step("c", ("c.txt",), make("c", "c.txt"), ()),
         ]
+        if side_step:  # reads only a's output, as the shared retriever reads only the data
+            steps.append(Step("d", ("d.txt",), make("d", "d.txt"), ("threads",), after="a"))
+        return steps
 
     return factory
 
@@ -60,6 +63,38 @@ def test_a_changed_setting_reruns_its_step_and_every_later_one(
     fake_pipeline.clear()
     run_bootstrap(BootstrapConfig(out=tmp_path, sft_epochs=9, seed=1), echo=lambda _: None, progress=False)
     assert fake_pipeline == ["a", "b", "c"]  # the seed reaches every step
+
+
+def test_a_step_after_an_earlier_one_reruns_only_when_that_one_or_its_own_settings_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(bootstrap, "pipeline_steps", _fake_steps(calls, side_step=True))
+    monkeypatch.setattr(bootstrap, "write_manifest", lambda config, state: {})
+    run_bootstrap(BootstrapConfig(out=tmp_path), echo=lambda _: None, progress=False)
+    assert calls == ["a", "b", "c", "d"]
+    calls.clear()
+    run_bootstrap(BootstrapConfig(out=tmp_path, sft_epochs=9), echo=lambda _: None, progress=False)
+    assert calls == ["b", "c"]  # d does not read b or c
+    calls.clear()
+    run_bootstrap(BootstrapConfig(out=tmp_path, sft_epochs=9, threads=1), echo=lambda _: None, progress=False)
+    assert calls == ["d"]
+    calls.clear()
+    run_bootstrap(
+        BootstrapConfig(out=tmp_path, per_domain=7, sft_epochs=9, threads=1),
+        echo=lambda _: None,
+        progress=False,
+    )
+    assert calls == ["a", "b", "c", "d"]
+
+
+def test_the_shared_retriever_reads_only_the_synthetic_data() -> None:
+    steps = {
+        step.name: step
+        for step in bootstrap.pipeline_steps(BootstrapConfig(out=Path("x"), shared_retriever=True))
+    }
+    assert steps["retriever shared"].after == "synth"
+    assert "sft_max_references" in steps["sft"].keys
 
 
 def test_a_missing_output_or_an_interrupted_step_reruns(tmp_path: Path, fake_pipeline: list[str]) -> None:
