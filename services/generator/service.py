@@ -41,6 +41,7 @@ from services.common.artifacts import ArtifactError, read_json, require_file
 from services.common.batching import BatchMetrics, MicroBatcher
 from services.common.errors import InvalidInput, NotFound, NotReady
 from services.common.images import ImageLimits, decode_data_url
+from services.common.logprobs import top_token_logprobs
 from services.common.threads import torch_threads
 from services.generator.protocol import (
     AssistantMessage,
@@ -562,17 +563,14 @@ class GeneratorService:
 
     def _token_logprob(self, token_id: int, logits: torch.Tensor, top: int) -> TokenLogprob:
         """Log-probabilities from the raw model logits (before temperature/top-p), as vLLM reports them."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         alternatives = []
-        if top:
-            values, indices = torch.topk(logprobs, top)
-            for value, index in zip(values.tolist(), indices.tolist(), strict=True):
-                text = self._token_text(index)
-                alternatives.append(TopLogprob(token=text, logprob=value, bytes=list(text.encode("utf-8"))))
+        for index, value in top_token_logprobs(logits, top):
+            text = self._token_text(index)
+            alternatives.append(TopLogprob(token=text, logprob=value, bytes=list(text.encode("utf-8"))))
         text = self._token_text(token_id)
         return TokenLogprob(
             token=text,
-            logprob=float(logprobs[token_id]),
+            logprob=float(torch.log_softmax(logits.float(), dim=-1)[token_id]),
             bytes=list(text.encode("utf-8")),
             top_logprobs=alternatives,
         )

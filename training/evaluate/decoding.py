@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from services.common.logprobs import top_logprobs_by_text
 from services.common.noise import DIFFUSION_STEPS, diffuse
 
 if TYPE_CHECKING:
@@ -362,15 +363,11 @@ class _Suppress(LogitsProcessor):
 
 
 def _token_logprobs(processor: Any, scores: torch.Tensor) -> dict[str, float]:
-    """Top log-probabilities of one position, -inf entries dropped; the likelier id wins a text clash."""
-    logprobs = torch.log_softmax(scores.float(), dim=-1)
-    values, indices = torch.topk(logprobs, min(TOP_LOGPROBS, logprobs.shape[-1]))
-    top: dict[str, float] = {}
-    for value, index in zip(values.tolist(), indices.tolist(), strict=True):
-        if value == -math.inf:
-            break
-        top.setdefault(processor.tokenizer.decode([index], skip_special_tokens=False), float(value))
-    return top
+    """Top log-probabilities of one position (after this strategy's processors), by token text."""
+    tokenizer = processor.tokenizer
+    return top_logprobs_by_text(
+        scores, TOP_LOGPROBS, lambda index: tokenizer.decode([index], skip_special_tokens=False)
+    )
 
 
 @contextmanager

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 from services.common.answers import parse_yes_no
+from services.common.logprobs import logsumexp, merge_by_text
 from training.data.records import DOMAINS
 
 BLEU_ORDERS = 4
@@ -217,23 +218,14 @@ def yes_probability_from_logprobs(top_logprobs: Sequence[Mapping[str, float]]) -
             mass[word].append(float(logprob))
     if not mass["yes"] and not mass["no"]:
         return None
-    log_yes = _logsumexp(mass["yes"])
-    log_no = _logsumexp(mass["no"])
+    log_yes = logsumexp(mass["yes"])
+    log_no = logsumexp(mass["no"])
     if log_no == -math.inf:
         return 1.0
     if log_yes == -math.inf:
         return 0.0
     # Logistic of the log-odds: stable however negative the log-probabilities are.
     return 1.0 / (1.0 + math.exp(log_no - log_yes))
-
-
-def _logsumexp(values: Sequence[float]) -> float:
-    if not values:
-        return -math.inf
-    top = max(values)
-    if top == -math.inf:
-        return -math.inf
-    return top + math.log(sum(math.exp(value - top) for value in values))
 
 
 def _field(item: Any, name: str) -> Any:
@@ -249,14 +241,11 @@ def top_logprobs_from_openai(content: Sequence[Any]) -> list[dict[str, float]]:
     """
     positions: list[dict[str, float]] = []
     for entry in content:
-        by_text: dict[str, list[float]] = {}
         alternatives = _field(entry, "top_logprobs") or []
         listed = [(_field(alt, "token"), _field(alt, "logprob")) for alt in alternatives]
         if _field(entry, "token") not in {token for token, _ in listed}:
             listed.append((_field(entry, "token"), _field(entry, "logprob")))
-        for token, logprob in listed:
-            by_text.setdefault(token, []).append(float(logprob))
-        positions.append({token: _logsumexp(values) for token, values in by_text.items()})
+        positions.append(merge_by_text(listed))
     return positions
 
 

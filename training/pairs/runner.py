@@ -46,6 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from services.common.app import internal_auth_headers
+from services.common.logprobs import top_logprobs_by_text
 from services.common.prompts import Task, build_prompt, render_conversation
 from services.common.threads import torch_threads
 from training.pairs.noise import load_image
@@ -231,16 +232,10 @@ class InProcessGenerator:
 
     def _top_logprobs(self, logits: Any) -> dict[str, float]:
         """Top log-probabilities of one position's raw logits, by token text (as the generator service)."""
-        import torch
-
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        values, indices = torch.topk(logprobs, min(self.top_logprobs, logprobs.shape[-1]))
         tokenizer = self.processor.tokenizer
-        result: dict[str, float] = {}
-        for value, index in zip(values.tolist(), indices.tolist(), strict=True):
-            text = tokenizer.decode([index], skip_special_tokens=False)
-            result[text] = float(np.logaddexp(result[text], value)) if text in result else float(value)
-        return result
+        return top_logprobs_by_text(
+            logits, self.top_logprobs, lambda index: tokenizer.decode([index], skip_special_tokens=False)
+        )
 
     def generate_batch_full(
         self, requests: Sequence[GenerationRequest], *, max_new_tokens: int | None = None
