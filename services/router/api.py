@@ -34,7 +34,14 @@ from services.router.forms import StrictFormRoute
 from services.router.protocol import RAGResponse, RetrievalMode
 from services.router.service import RAGPipeline, RAGRequest
 
-router = APIRouter(tags=["rag"], route_class=StrictFormRoute)
+
+class AuthenticatedFormRoute(StrictFormRoute):
+    """The API key is checked before the form is read: a caller without one gets 401, not a form error."""
+
+    checks_before_body = (require_api_key,)
+
+
+router = APIRouter(tags=["rag"], route_class=AuthenticatedFormRoute)
 DomainName = Literal["radiology", "ophthalmology", "pathology"]
 MULTIPART = "multipart/form-data"  # a file upload: FastAPI would otherwise document a url-encoded form
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 429, 503, 504)}

@@ -15,7 +15,7 @@ cannot carry (such a request is refused for the missing file whatever its text).
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
@@ -126,13 +126,21 @@ class StrictFormRoute(APIRoute):
     The form is parsed before FastAPI's handler runs: FastAPI would turn any error raised while it reads
     the body into a generic "There was an error parsing the body", losing the field name. The parsed form
     is cached on the request, so FastAPI then reads it without parsing again.
+
+    ``checks_before_body`` run before a byte of the body is read (a subclass sets them): authentication
+    belongs there, so that an unauthenticated caller gets 401 whatever it sent, and no server work.
     """
+
+    checks_before_body: tuple[Callable[[Request], Awaitable[Any]], ...] = ()
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        checks = self.checks_before_body
 
         async def strict_form_handler(request: Request) -> Response:
             request = StrictFormRequest(request.scope, request.receive)
+            for check in checks:
+                await check(request)
             await request.form()
             return await handler(request)
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from services.common.errors import ErrorResponse
 from services.common.images import DecodedImage, ImageLimits, decode_image, encode_png
-from services.router.api import IMAGE_ERRORS, read_upload
+from services.router.api import IMAGE_ERRORS, AuthenticatedFormRoute, read_upload
 from services.router.auth import require_api_key
 
 WEB_DIR = Path(__file__).with_name("web")
@@ -39,6 +39,7 @@ PAGE_HEADERS = {
 PREVIEW_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422)}
 
 web = APIRouter(tags=["web"])
+uploads = APIRouter(tags=["web"], route_class=AuthenticatedFormRoute)  # the key before the body
 
 
 def make_thumbnail(
@@ -57,7 +58,7 @@ async def index() -> FileResponse:
     return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
 
-@web.post(
+@uploads.post(
     "/preview",
     response_class=Response,
     responses={
@@ -95,4 +96,5 @@ async def preview(
 def attach_web(app: FastAPI) -> None:
     """Add the page (``GET /``), its files (``/static``) and ``POST /preview`` to the router app."""
     app.include_router(web)
+    app.include_router(uploads)
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")

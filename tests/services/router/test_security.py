@@ -138,3 +138,18 @@ async def test_classifier_down_still_serves_a_client_given_domain() -> None:
             data={"question": "Q?", "domain": "radiology"},
         )
     assert without_domain.status_code == 503 and with_domain.status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/vqa", "/report", "/preview"])
+async def test_the_key_is_checked_before_the_form_is_read(route: str) -> None:
+    """A caller without a key gets 401 even for a body the form parser would refuse (and the form is never
+    read: the stack sees nothing)."""
+    stack = FakeStack()
+    body = b'--b\r\nContent-Disposition: form-data; name="question"\r\n\r\nIs there \xff?\r\n--b--\r\n'
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    async with build_router(stack, auth_enabled=True, api_keys=_keys()) as client:
+        refused = await client.post(route, content=body, headers=headers)
+        allowed = await client.post(route, content=body, headers={**headers, "X-API-Key": KEY})
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "missing_api_key", refused.text
+    assert allowed.status_code == 400 and allowed.json()["error"]["param"] == "question", allowed.text
+    assert stack.classifier_calls == 0
