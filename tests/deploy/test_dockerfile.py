@@ -265,3 +265,16 @@ def test_dockerfile_lives_where_compose_builds_from() -> None:
             targets.add(build["target"])
     assert targets == {"runtime", "generator-cpu"}
     assert Path(DOCKERFILE).is_file()
+
+
+def test_the_images_install_no_evaluation_packages() -> None:
+    """The images install ``project.dependencies`` only; metrics and plots are the ``eval`` extra."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    core = {re.split(r"[=<>;\[ ]", item, maxsplit=1)[0].lower() for item in project["dependencies"]}
+    evaluation = {
+        re.split(r"[=<>;\[ ]", item, maxsplit=1)[0].lower()
+        for item in project["optional-dependencies"]["eval"]
+    }
+    assert {"matplotlib", "pycocoevalcap", "rouge-score"} <= evaluation
+    assert not core & {"matplotlib", "pycocoevalcap", "rouge-score"}
+    assert "mmed-rag[otel,eval]" in project["optional-dependencies"]["dev"]  # `make install` has them

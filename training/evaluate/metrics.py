@@ -56,6 +56,7 @@ from typing import Any, TypeVar
 from services.common.answers import parse_yes_no
 from services.common.logprobs import logsumexp, merge_by_text
 from training.data.records import DOMAINS
+from training.evaluate.extras import import_eval_module
 
 BLEU_ORDERS = 4
 JAVA_INSTALL_HINT = "install a Java runtime (Debian: apt-get install -y default-jre-headless)"
@@ -276,18 +277,20 @@ def _tokenised(texts: Sequence[str]) -> dict[int, list[str]]:
 def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
     """Corpus BLEU-1..4 (pycocoevalcap, closest reference length) on ``report_tokens`` text."""
     _check_lengths(predictions=predictions, references=references)
-    from pycocoevalcap.bleu.bleu import Bleu
+    bleu = import_eval_module("pycocoevalcap.bleu.bleu")
 
-    scores, _ = Bleu(BLEU_ORDERS).compute_score(_tokenised(references), _tokenised(predictions), verbose=0)
+    scores, _ = bleu.Bleu(BLEU_ORDERS).compute_score(
+        _tokenised(references), _tokenised(predictions), verbose=0
+    )
     return [float(score) for score in scores]
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L F-measure (Google's rouge-score, no stemming) of each prediction vs its reference."""
     n = _check_lengths(predictions=predictions, references=references)
-    from rouge_score.rouge_scorer import RougeScorer
+    rouge_scorer = import_eval_module("rouge_score.rouge_scorer")
 
-    scorer = RougeScorer(["rougeL"], use_stemmer=False)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     total = sum(
         scorer.score(reference, prediction)["rougeL"].fmeasure
         for prediction, reference in zip(predictions, references, strict=True)
@@ -309,10 +312,10 @@ class MeteorScorer:
     def __init__(self) -> None:
         if shutil.which("java") is None:
             raise MeteorUnavailable(f"METEOR needs Java and none is on PATH: {JAVA_INSTALL_HINT}")
-        from pycocoevalcap.meteor.meteor import Meteor
+        meteor = import_eval_module("pycocoevalcap.meteor.meteor")
 
         try:
-            self._meteor: Any = Meteor()
+            self._meteor: Any = meteor.Meteor()
         except OSError as exc:
             raise MeteorUnavailable(f"could not start METEOR ({exc}): {JAVA_INSTALL_HINT}") from exc
 

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from training.data.records import DOMAINS
+from training.evaluate.extras import import_eval_module
 
 RESULTS_FILE = "results.jsonl"
 METRICS_FILE = "metrics.json"
@@ -337,9 +338,9 @@ def render_eval_markdown(metrics: Mapping[str, Any]) -> str:
 
 
 def _figure(width: float = 8.0, height: float = 4.5) -> Any:
-    from matplotlib.figure import Figure
+    figure = import_eval_module("matplotlib.figure")
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return figure.Figure(figsize=(width, height), layout="constrained")
 
 
 def _save(figure: Any, path: Path) -> Path:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from services.generator.protocol import TokenLogprob, TopLogprob
 from training.evaluate import metrics
+from training.evaluate.extras import EvalExtraMissing
 from training.evaluate.metrics import (
     MeteorScorer,
     MeteorUnavailable,
@@ -366,3 +369,20 @@ def test_report_metrics_by_domain_is_corpus_level_per_domain(meteor: MeteorScore
     assert result["pathology"].n == 1
     without = report_metrics_by_domain(domains, PREDICTIONS, REFERENCES, meteor=False)
     assert without["radiology"].bleu_mean == expected.bleu_mean and without["radiology"].meteor is None
+
+
+@pytest.mark.parametrize(
+    ("module", "call"),
+    [
+        ("rouge_score", lambda: rouge_l(["a"], ["a"])),
+        ("pycocoevalcap", lambda: corpus_bleu(["a"], ["a"])),
+    ],
+)
+def test_a_missing_evaluation_package_names_the_extra_to_install(
+    module: str, call: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [name for name in sys.modules if name == module or name.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import now fails as if not installed
+    with pytest.raises(EvalExtraMissing, match=r"pip install 'mmed-rag\[eval\]'"):
+        call()
