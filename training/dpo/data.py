@@ -71,8 +71,14 @@ class PreferencePair(BaseModel):
         return render_conversation(self.prompt)
 
     def completion(self, answer: str) -> str:
-        """What follows ``prompt_text()`` in ``render_conversation(prompt, answer)``: ``" {answer}</s>"``."""
-        full = render_conversation(self.prompt, answer)
+        """What follows ``prompt_text()`` in ``render_conversation(prompt, answer)``: ``" {answer}</s>"``.
+
+        The answer is stripped first: a generated answer starts with the space of its first token as
+        ``decode`` returns it (``" No."``), and the template adds that space itself. Kept, every generated
+        side would train ``"ASSISTANT:  No.</s>"`` (two spaces) — text SFT never showed — and DPO then
+        teaches the model to open with a lone space token (it answered blanks and "FINDINGS: FINDINGS:").
+        """
+        full = render_conversation(self.prompt, answer.strip())
         head = self.prompt_text()
         if not full.startswith(head):  # render_conversation's contract; cheap to keep honest
             raise PairError(f"pair {self.id}: the conversation does not extend its prompt")

@@ -259,10 +259,12 @@ class PairDecision:
 
 
 def _decision(rule: SetRule, answers: RunTexts, outcomes: Outcomes, truth: str | None) -> PairDecision:
+    # Stripped: a generated answer begins with its first token's space (" No."), which the conversation
+    # template adds itself; kept, the pair would train a text the model never saw ("ASSISTANT:  No.").
     return PairDecision(
         set=rule.name,
-        chosen=answers[rule.chosen] if truth is None else truth,
-        rejected=answers[rule.rejected],
+        chosen=(answers[rule.chosen] if truth is None else truth).strip(),
+        rejected=answers[rule.rejected].strip(),
         chosen_run=rule.chosen if truth is None else GROUND_TRUTH,
         rejected_run=rule.rejected,
         prompt=rule.prompt,

@@ -121,3 +121,15 @@ def test_without_a_rejected_image_the_batch_is_trls(pair_world, processor) -> No
     assert ours.keys() == trls.keys()
     for key in trls:
         assert torch.equal(ours[key], trls[key]), key
+
+
+def test_generated_answers_train_the_text_sft_trained(
+    pair_world, make_pair, save_jsonl, tmp_path: Path
+) -> None:
+    """Generated answers start with their first token's space (" No." as decode returns it); the template
+    adds one itself, so the trained completion must be " No.</s>", never "  No.</s>"."""
+    record = make_pair(0, "stage1", pair_world.pairs, chosen=" No.", rejected=" Yes.\n")
+    [pair] = read_pairs([save_jsonl(tmp_path / "pairs_stage1.jsonl", [record])])
+    row = build_preference_dataset([pair])[0]
+    assert row["chosen"] == " No.</s>" and row["rejected"] == " Yes.</s>"
+    assert row["prompt"] + row["chosen"] == render_conversation(pair.prompt, "No.")

@@ -137,12 +137,16 @@ def test_pairs_follow_the_shared_format(inprocess: PairsResult, config: PairsCon
         assert set(provenance["outcomes"]) == set(RUNS) and set(provenance["answers"]) == set(RUNS)
         assert provenance["noise"] == "diffusion" and provenance["noise_step"] == 500
         assert provenance["retriever"] and provenance["model"]
-        assert record["rejected"] == provenance["answers"][provenance["rejected_run"]]
+        # the answers as generated (first token's space included), the pair's texts stripped of it
+        assert record["rejected"] == provenance["answers"][provenance["rejected_run"]].strip()
         if record["task"] == "report":
             assert record["chosen"] == item.truth and provenance["chosen_run"] == "ground_truth"
             assert set(provenance["bleu"]) == set(RUNS)
         else:
-            assert record["chosen"] == provenance["answers"][provenance["chosen_run"]]
+            assert record["chosen"] == provenance["answers"][provenance["chosen_run"]].strip()
+        assert (
+            record["chosen"] == record["chosen"].strip() and record["rejected"] == record["rejected"].strip()
+        )
         if record["set"] in ("stage1", "cm"):
             noise = root / record["rejected_image"]  # absolute: resolves whatever the root
             assert noise.is_file() and noise.is_relative_to(out / "noise" / record["domain"])
