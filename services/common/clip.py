@@ -186,20 +186,27 @@ class ClipModel:
 
     def image_features(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         """L2-normalised image embeddings as a float32 tensor (for heads stacked on the image tower)."""
-        if not images:
+        return self.pixel_features([self.preprocess(image) for image in images])
+
+    def pixel_features(self, pixels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``image_features`` of images already through ``preprocess``: a service preprocesses in the
+        caller's thread and batches only the forward pass."""
+        if not pixels:
             return torch.zeros((0, self.embed_dim), dtype=torch.float32)
         parts = []
         with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = torch.stack(
-                    [self.preprocess(image) for image in images[start : start + self.batch_size]]
-                )
+            for start in range(0, len(pixels), self.batch_size):
+                batch = torch.stack(list(pixels[start : start + self.batch_size]))
                 parts.append(self.model.encode_image(batch, normalize=True).float())
         return torch.cat(parts)
 
     def encode_images(self, images: Sequence[PIL.Image.Image]) -> np.ndarray:
         """``(n, embed_dim)`` float32, unit-norm rows."""
-        return np.ascontiguousarray(self.image_features(images).numpy(), dtype=np.float32)
+        return self.encode_pixels([self.preprocess(image) for image in images])
+
+    def encode_pixels(self, pixels: Sequence[torch.Tensor]) -> np.ndarray:
+        """``encode_images`` of preprocessed images."""
+        return np.ascontiguousarray(self.pixel_features(pixels).numpy(), dtype=np.float32)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """``(n, embed_dim)`` float32, unit-norm rows."""

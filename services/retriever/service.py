@@ -60,6 +60,10 @@ class ImageEncoder(Protocol):
 
     def encode_images(self, images: Sequence[PIL.Image.Image]) -> np.ndarray: ...
 
+    def preprocess(self, image: PIL.Image.Image) -> Any: ...
+
+    def encode_pixels(self, pixels: Sequence[Any]) -> np.ndarray: ...
+
 
 EncoderLoader = Callable[..., ImageEncoder]  # (folder, *, root) -> encoder
 
@@ -207,8 +211,8 @@ class RetrieverService:
         store.prepare(info.name)  # the exact in-memory index, if used, loads now rather than on a request
         # Warm-up: the first request should not pay for lazy initialisation.
         encoder.encode_images([PIL.Image.new("RGB", (encoder.image_size, encoder.image_size))])
-        batcher = ImageBatcher(
-            encoder.encode_images,
+        batcher = ImageBatcher(  # of preprocessed pixels: requests resize in their own threads
+            encoder.encode_pixels,
             max_batch=self.settings.batch_size,
             max_wait_s=self.settings.batch_wait_ms / 1000,
             name=domain,
@@ -312,7 +316,8 @@ class RetrieverService:
         store = self.store
         if store is None:  # closed while the request was on its way
             raise NotReady("the retriever is shutting down")
-        vector = await retriever.batcher.encode(image)
+        pixels = await anyio.to_thread.run_sync(retriever.encoder.preprocess, image)
+        vector = await retriever.batcher.encode(pixels)
         hits = await anyio.to_thread.run_sync(store.search, retriever.collection, vector, k_max)
         hits = sorted(hits, key=lambda hit: -hit.score)  # Qdrant's order, made a guarantee (stable on ties)
         k = select_contexts([hit.score for hit in hits], strategy, selection)

@@ -26,12 +26,13 @@ max_length                 1024                         1024
 gradient checkpointing     yes                          no (tiny activations; it only costs time)
 =========================  ===========================  =================================================
 
-**Why the NLL term.** Pure sigmoid DPO at these learning rates made the small MedSynth base model
-degenerate on reports (measured on MedSynth test, adaptive retrieval: report BLEU/ROUGE-L/METEOR mean 22.4 →
-11.8, repetitive text) and lowered VQA (57.5 → 55.2, mean of accuracy, F1, AUROC); DPO pushes the chosen
-side's likelihood down with the rejected one's. Adding the chosen side's NLL (the "RPO" recipe) keeps it up:
-VQA 57.5 → 58.6, copy-reference 60.2 → 52.4 %, reports 22.4 → 18.5. ``loss_type="sigmoid"`` (a config file
-line, or ``PAPER_SETTINGS``) restores the paper's loss.
+**Why the NLL term.** Pure sigmoid DPO at these learning rates collapses the small MedSynth base model's
+yes/no threshold: measured on MedSynth test (seed 0, adaptive retrieval), it answered "no" to every question
+(VQA mean of accuracy, F1, AUROC 56.5 → 33.3; its P(yes) still ranks, AUROC from P(yes) 60.9) and its reports
+fell from 34.7 to 29.2 (mean of BLEU, ROUGE-L, METEOR). The stage-1 pairs are mostly "chosen No, rejected
+Yes" (283 of 339 VQA pairs), and DPO pushes the chosen side's likelihood down with the rejected one's.
+Adding the chosen side's NLL (the "RPO" recipe) keeps it up: VQA 56.8, reports 34.4 (docs/results).
+``loss_type="sigmoid"`` (a config file line, or ``PAPER_SETTINGS``) restores the paper's loss.
 
 ``PAPER_SETTINGS`` holds the paper's values as keyword arguments (``load_config(**PAPER_SETTINGS)``).
 The reference model is always the policy with its adapters disabled, so in stage 2 it is still the

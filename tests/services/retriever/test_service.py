@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,25 @@ async def test_a_failed_batch_fails_every_waiter():
         *(batcher.encode(Image.new("RGB", (8, 8))) for _ in range(3)), return_exceptions=True
     )
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_images_are_preprocessed_outside_the_batch_and_embed_as_before(
+    retriever_service, retriever_artifacts, monkeypatch: pytest.MonkeyPatch
+):
+    """The batch thread runs only the forward pass: resizing happens in each request's own thread, and the
+    vector is the one ``encode_images`` gives."""
+    image = Image.open(retriever_artifacts.data / "pathology" / "images" / "00001.jpg").convert("RGB")
+    domain = retriever_service._domain("pathology")
+    original = domain.encoder.preprocess
+    threads: list[str] = []
+
+    def recording(picture):
+        threads.append(threading.current_thread().name)
+        return original(picture)
+
+    monkeypatch.setattr(domain.encoder, "preprocess", recording)
+    response = await retriever_service.retrieve(image, RetrieveParams(domain="pathology", k_max=3))
+    assert threads and not any(name.startswith("batcher-") for name in threads)
+    expected = domain.encoder.encode_images([image])[0]
+    [hit] = retriever_service.store.search(domain.collection, expected, 1)
+    assert response.contexts[0].score == pytest.approx(hit.score, abs=1e-5)
