@@ -48,6 +48,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_results  # a sibling module (bench/ is not a package)
+from _workload import test_vqa_samples
 
 HOST = "127.0.0.1"
 SERVICES = ("router", "classifier", "retriever", "generator")
@@ -74,30 +75,10 @@ class Item:
 
 def load_items(medsynth: Path, per_domain: int = IMAGES_PER_DOMAIN) -> list[Item]:
     """Test-split VQA items of each domain, through the project's own loaders (one question per image)."""
-    from training.data.formats import get_format
-    from training.data.medsynth.release import dataset_name
-    from training.data.records import DOMAINS
-
-    items: list[Item] = []
-    for domain in DOMAINS:
-        root = medsynth / domain / "images"
-        records = (
-            get_format("vqa")
-            .load(medsynth / domain / "test_vqa.jsonl", root, dataset=dataset_name(domain), domain=domain)
-            .records
-        )
-        seen: set[str] = set()
-        for record in records:
-            if record.image in seen:
-                continue
-            seen.add(record.image)
-            image = (root / record.image).read_bytes()
-            items.append(Item(image, Path(record.image).name, domain, record.question))
-            if len(seen) == per_domain:
-                break
-    if not items:
-        raise SystemExit(f"no VQA items found under {medsynth}")
-    return items
+    return [
+        Item(sample.image.read_bytes(), sample.image.name, sample.domain, sample.question)
+        for sample in test_vqa_samples(medsynth, per_domain)
+    ]
 
 
 def medsynth_folder(artifacts: Path | None, scratch: Path) -> Path:

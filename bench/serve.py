@@ -46,6 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_results  # a sibling module (bench/ is not a package)
+from _workload import test_vqa_samples
 
 HOST = "127.0.0.1"
 LEVELS = (1, 4, 16, 64)
@@ -92,37 +93,19 @@ def build_artifacts(out: Path) -> Path:
 def load_items(artifacts: Path, per_domain: int = 8) -> list[Item]:
     """Test-split VQA images of each domain (one question per image), through the project's loaders."""
     from services.common.images import decode_image, normalise
-    from training.data.formats import get_format
-    from training.data.medsynth.release import dataset_name
-    from training.data.records import DOMAINS
 
-    medsynth = artifacts / "medsynth"
-    items: list[Item] = []
-    for domain in DOMAINS:
-        root = medsynth / domain / "images"
-        records = (
-            get_format("vqa")
-            .load(medsynth / domain / "test_vqa.jsonl", root, dataset=dataset_name(domain), domain=domain)
-            .records
-        )
-        seen: set[str] = set()
-        for record in records:
-            if record.image in seen or len(seen) == per_domain:
-                continue
-            seen.add(record.image)
-            upload = (root / record.image).read_bytes()
-            normalised = normalise(decode_image(upload).image)
-            items.append(
-                Item(
-                    upload=upload,
-                    normalised=normalised,
-                    filename=Path(record.image).name,
-                    domain=domain,
-                    question=record.question,
-                )
+    items = []
+    for sample in test_vqa_samples(artifacts / "medsynth", per_domain):
+        upload = sample.image.read_bytes()
+        items.append(
+            Item(
+                upload=upload,
+                normalised=normalise(decode_image(upload).image),
+                filename=sample.image.name,
+                domain=sample.domain,
+                question=sample.question,
             )
-    if not items:
-        raise SystemExit(f"no VQA items under {medsynth}")
+        )
     return items
 
 
