@@ -42,8 +42,9 @@ SHARED_RETRIEVER_DIR = "shared-retriever"
 
 @dataclass(frozen=True)
 class BootstrapConfig:
-    """Sizes of every step; the defaults take 12 minutes on a 2-core machine (720 s measured: SFT 170 s,
-    DPO stage 2 183 s, pairs 91 s, stage 1 90 s, the three retrievers 141 s, the rest under a minute)."""
+    """Sizes of every step; the defaults take 13–15 minutes on a 2-core machine (seed 2, nothing else
+    running: 790 s — SFT 294 s, pairs 118 s, DPO stage 1 85 s and stage 2 108 s, the three retrievers
+    139 s, the rest under a minute; seed 1: 905 s, more stage-2 pairs). The shared retriever adds ~2 min."""
 
     out: Path
     seed: int = 0
