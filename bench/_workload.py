@@ -16,7 +16,7 @@ class VQASample:
     question: str
 
 
-def test_vqa_samples(medsynth: Path, per_domain: int) -> list[VQASample]:
+def medsynth_vqa_samples(medsynth: Path, per_domain: int) -> list[VQASample]:
     """The first ``per_domain`` distinct test images of each domain, each with its first question."""
     from training.data.formats import get_format
     from training.data.medsynth.release import dataset_name

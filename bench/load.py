@@ -48,7 +48,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_results  # a sibling module (bench/ is not a package)
-from _workload import test_vqa_samples
+from _workload import medsynth_vqa_samples
 
 HOST = "127.0.0.1"
 SERVICES = ("router", "classifier", "retriever", "generator")
@@ -77,7 +77,7 @@ def load_items(medsynth: Path, per_domain: int = IMAGES_PER_DOMAIN) -> list[Item
     """Test-split VQA items of each domain, through the project's own loaders (one question per image)."""
     return [
         Item(sample.image.read_bytes(), sample.image.name, sample.domain, sample.question)
-        for sample in test_vqa_samples(medsynth, per_domain)
+        for sample in medsynth_vqa_samples(medsynth, per_domain)
     ]
 
 

@@ -46,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import markdown_table, write_results  # a sibling module (bench/ is not a package)
-from _workload import test_vqa_samples
+from _workload import medsynth_vqa_samples
 
 HOST = "127.0.0.1"
 LEVELS = (1, 4, 16, 64)
@@ -95,7 +95,7 @@ def load_items(artifacts: Path, per_domain: int = 8) -> list[Item]:
     from services.common.images import decode_image, normalise
 
     items = []
-    for sample in test_vqa_samples(artifacts / "medsynth", per_domain):
+    for sample in medsynth_vqa_samples(artifacts / "medsynth", per_domain):
         upload = sample.image.read_bytes()
         items.append(
             Item(
