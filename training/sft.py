@@ -22,8 +22,8 @@ corpus text (share ``own_report_rate`` of agreeing draws) or the text of another
 the same set of findings (ground truth from ``findings.jsonl``); otherwise it is the text of an image with a
 different set of findings. Further references are random corpus texts; their number is uniform in
 ``1..max_references``, because served prompts carry as many reports as adaptive selection keeps, up to the
-router's ``k_max`` (measured, MedSynth seed 0: trained on one reference, the base model's reports with ten
-scored 22.4 (mean of BLEU, ROUGE-L, METEOR) against 35.5 without retrieval; trained on 1..10, 34.7).
+router's ``k_max`` (measured, MedSynth seed 0, mean of BLEU, ROUGE-L, METEOR: trained on one reference, the
+base model's reports with ten scored 22.4, 35.5 without retrieval; trained on 1..10, 34.7 and 34.9).
 This "same-findings" sampling sets the
 agreement rate exactly (a trained retriever would only approximate it); as LLaVA-Med, the model learns that
 references are usually right and copies them — including when, at test time, a weak retriever returns
